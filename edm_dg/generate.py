@@ -1,0 +1,116 @@
+"""Seed-exact image generation with EDM's conventions, resumable and multi-process.
+
+An image depends only on its seed (COMPAT §2): each seed owns a generator that
+draws its latent, its class and every later noise sample. Outputs are written
+atomically, so an interrupted run is resumed by generating exactly the seeds
+whose files are missing.
+"""
+
+import os
+import time
+
+import numpy as np
+import torch
+import tqdm
+
+from torch_utils import distributed as dist
+from . import io as dgio
+from .sampler import dg_sampler
+
+#----------------------------------------------------------------------------
+
+class StackedRandomGenerator:
+    """One torch.Generator per seed, stacked along the batch (EDM's generate.py)."""
+
+    def __init__(self, device, seeds):
+        self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+
+    def randn(self, size, **kwargs):
+        assert size[0] == len(self.generators)
+        return torch.stack([torch.randn(size[1:], generator=gen, **kwargs) for gen in self.generators])
+
+    def randn_like(self, input):
+        return self.randn(input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
+
+    def randint(self, *args, size, **kwargs):
+        assert size[0] == len(self.generators)
+        return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
+
+def draw_inputs(net_shape, label_dim, seeds, device, class_idx=None):
+    """Latents [N,C,H,W], one-hot labels [N,label_dim] (or None) and the generator, per EDM."""
+    rnd = StackedRandomGenerator(device, seeds)
+    latents = rnd.randn([len(seeds), *net_shape], device=device)
+    class_labels = None
+    if label_dim:
+        class_labels = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[len(seeds)], device=device)]
+        if class_idx is not None:
+            class_labels[:, :] = 0
+            class_labels[:, class_idx] = 1
+    return latents, class_labels, rnd
+
+def rank_batches(seeds, max_batch_size, rank=0, world_size=1):
+    """EDM's split: balanced batches of at most max_batch_size, dealt round-robin to ranks."""
+    num_batches = ((len(seeds) - 1) // (max_batch_size * world_size) + 1) * world_size
+    all_batches = torch.as_tensor(seeds).tensor_split(num_batches)
+    return [b.tolist() for b in all_batches[rank :: world_size]]
+
+#----------------------------------------------------------------------------
+
+def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_batch_size=64,
+             sampler_kwargs=None, npz=False, resume=True, progress=True, log=print):
+    """Generate `seeds` into `outdir` (EDM file names) plus dataset.json labels.
+
+    With resume, a seed whose PNG exists is not generated again; with npz, a
+    per-batch shard (samples, label, seeds) is written once all its images exist.
+    Images with non-finite values are not written; their seeds are returned.
+    Returns dict(generated, skipped, nonfinite, seconds) for this rank.
+    """
+    sampler_kwargs = dict(sampler_kwargs or {})
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    net_shape = [net.img_channels, net.img_resolution, net.img_resolution]
+    batches = rank_batches(seeds, max_batch_size, rank, world_size)
+    generated, skipped, nonfinite, labels = 0, 0, [], {}
+    start = time.time()
+    bar = tqdm.tqdm(batches, unit='batch', disable=(not progress) or rank != 0, desc='generate', dynamic_ncols=True)
+    for batch in bar:
+        relpaths = {s: dgio.image_relpath(s, subdirs) for s in batch}
+        _, y, _ = draw_inputs(net_shape, net.label_dim, batch, device, class_idx)
+        labels.update(_label_entries(batch, relpaths, y))
+        shard_path = os.path.join(outdir, 'shards', dgio.shard_name(batch)) if npz else None
+        todo = [s for s in batch if not (resume and os.path.isfile(os.path.join(outdir, relpaths[s])))]
+        skipped += len(batch) - len(todo)
+        if not todo and not (npz and not os.path.isfile(shard_path)):
+            continue
+        images_u8 = {}
+        if todo:
+            latents, class_labels, rnd = draw_inputs(net_shape, net.label_dim, todo, device, class_idx)
+            images = dg_sampler(net, latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
+            finite = torch.isfinite(images).flatten(1).all(dim=1).cpu().tolist()
+            for s, ok, im in zip(todo, finite, dgio.to_uint8(images)):
+                if not ok:
+                    nonfinite.append(s)
+                    continue
+                dgio.save_png(os.path.join(outdir, relpaths[s]), im)
+                images_u8[s] = im
+                generated += 1
+        if npz and not any(s in nonfinite for s in batch):
+            samples = np.stack([images_u8[s] if s in images_u8 else dgio.read_image(os.path.join(outdir, relpaths[s])) for s in batch])
+            lab = [-1 if labels[relpaths[s]] is None else labels[relpaths[s]] for s in batch]
+            dgio.save_npz_shard(shard_path, samples, lab, batch)
+    bar.close()
+
+    # Labels of every seed of every rank go into one dataset.json, written by rank 0.
+    all_labels = dist.all_gather_object(labels)
+    if rank == 0:
+        merged = {}
+        for part in all_labels:
+            merged.update(part)
+        dgio.write_labels(outdir, merged)
+    dist.barrier()
+    return dict(generated=generated, skipped=skipped, nonfinite=nonfinite, seconds=time.time() - start)
+
+def _label_entries(batch, relpaths, class_labels):
+    if class_labels is None:
+        return {relpaths[s]: None for s in batch}
+    idx = class_labels.argmax(dim=1).cpu().tolist()
+    return {relpaths[s]: int(i) for s, i in zip(batch, idx)}

@@ -1,0 +1,226 @@
+"""The one image-I/O module: seeds, file layout, pixel conversion, labels, shards, atomic writes."""
+
+import contextlib
+import io
+import json
+import os
+import re
+import tempfile
+import zipfile
+
+import numpy as np
+import PIL.Image
+import torch
+
+#----------------------------------------------------------------------------
+# Atomic writes: temp file in the target folder, then rename.
+
+@contextlib.contextmanager
+def atomic_open(path, mode='wb'):
+    """Write to a temp file next to `path` and rename it over `path` on success."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+def atomic_torch_save(obj, path):
+    with atomic_open(path) as f:
+        torch.save(obj, f)
+
+def atomic_write_text(path, text):
+    with atomic_open(path, 'w') as f:
+        f.write(text)
+
+def atomic_write_json(path, obj, **kwargs):
+    atomic_write_text(path, json.dumps(obj, **kwargs))
+
+#----------------------------------------------------------------------------
+# Seeds and file names (EDM layout).
+
+def parse_seeds(s):
+    """'0-49999' / '1,2,5-10' -> list of ints; ValueError with the offending part otherwise."""
+    if isinstance(s, (list, tuple)):
+        return list(s)
+    seeds = []
+    for part in str(s).split(','):
+        part = part.strip()
+        m = re.fullmatch(r'(\d+)-(\d+)', part)
+        if m:
+            a, b = int(m.group(1)), int(m.group(2))
+            if b < a:
+                raise ValueError(f'seed range "{part}" is empty (end before start)')
+            seeds.extend(range(a, b + 1))
+        elif re.fullmatch(r'\d+', part):
+            seeds.append(int(part))
+        else:
+            raise ValueError(f'cannot parse "{part}" in seed list "{s}"; use a form like 0-49999 or 1,2,5-10')
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f'seed list "{s}" names some seeds twice')
+    return seeds
+
+def image_relpath(seed, subdirs=False):
+    """EDM's file name of a seed's image, relative to the output folder."""
+    name = f'{seed:06d}.png'
+    return os.path.join(f'{seed - seed % 1000:06d}', name) if subdirs else name
+
+def to_uint8(images):
+    """EDM's pixel conversion: [N,C,H,W] float in [-1,1] -> [N,H,W,C] uint8 numpy."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+def save_png(path, image):
+    """Save one HWC uint8 image atomically (mode L for one channel, RGB for three)."""
+    pil = PIL.Image.fromarray(image[:, :, 0], 'L') if image.shape[2] == 1 else PIL.Image.fromarray(image, 'RGB')
+    with atomic_open(path) as f:
+        pil.save(f, format='png')
+
+def is_valid_png(path):
+    """True if `path` exists and decodes fully as an image."""
+    try:
+        with PIL.Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:
+        return False
+
+def read_image(path_or_file, name=None):
+    """HWC uint8 array of an image file; ValueError naming the file when it does not decode."""
+    try:
+        with PIL.Image.open(path_or_file) as im:
+            arr = np.array(im)
+    except Exception as e:
+        raise ValueError(f'{name or path_or_file}: not a readable image ({type(e).__name__}); delete or replace it') from None
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return arr
+
+#----------------------------------------------------------------------------
+# Labels (EDM dataset.json) and npz shards (DG release keys).
+
+def write_labels(outdir, labels):
+    """Merge {relpath: label} into outdir/dataset.json (EDM layout), atomically."""
+    path = os.path.join(outdir, 'dataset.json')
+    merged = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f).get('labels') or []
+        merged = {fname: label for fname, label in old}
+    merged.update(labels)
+    items = [[fname.replace(os.sep, '/'), merged[fname]] for fname in sorted(merged)]
+    if all(label is None for _, label in items):
+        atomic_write_json(path, {'labels': None})
+    else:
+        atomic_write_json(path, {'labels': items})
+
+def shard_name(seeds):
+    return f'seeds-{min(seeds):06d}-{max(seeds):06d}-n{len(seeds)}.npz'
+
+def save_npz_shard(path, samples, labels, seeds):
+    """Compressed uint8 shard: samples [N,H,W,C], label [N] (-1 = none), seeds [N]."""
+    with atomic_open(path) as f:
+        np.savez_compressed(f, samples=samples, label=np.asarray(labels, dtype=np.int64), seeds=np.asarray(seeds, dtype=np.int64))
+
+#----------------------------------------------------------------------------
+# Reading image sets: EDM zip/folder datasets, image folders, npz files.
+
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
+
+def _label_map(dataset_json_text, source):
+    try:
+        labels = json.loads(dataset_json_text).get('labels')
+    except Exception:
+        raise ValueError(f'{source}: dataset.json is not valid JSON; regenerate it (EDM dataset_tool.py or generate_dg.py)') from None
+    if labels is None:
+        return None
+    return {fname.replace('\\', '/'): (int(label) if label is not None else None) for fname, label in labels}
+
+def load_image_set(path, max_images=None):
+    """Load images as a uint8 tensor [N,C,H,W] and labels (int64 [N] or None).
+
+    Accepts an EDM dataset zip or folder (labels from dataset.json), a folder of
+    images (any depth, sorted by path), or a .npz (`arr_0`, or `samples` [+ `label`]),
+    or a folder of .npz shards written by generate_dg.py --npz.
+    """
+    if not os.path.exists(path):
+        raise ValueError(f'{path}: no such file or folder')
+    if path.endswith('.npz') and os.path.isfile(path):
+        return _load_npz([path], max_images)
+    if os.path.isfile(path) and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = sorted(n for n in z.namelist() if n.lower().endswith(IMAGE_EXTS))
+            if max_images is not None:
+                names = names[:max_images]
+            labels = _label_map(z.read('dataset.json').decode(), path) if 'dataset.json' in z.namelist() else None
+            images = [read_image(io.BytesIO(z.read(n)), f'{path}:{n}') for n in names]
+        return _stack(images, names, labels, path)
+    if os.path.isdir(path):
+        names = []
+        for root, _dirs, files in os.walk(path):
+            for fn in files:
+                if fn.lower().endswith(IMAGE_EXTS) and not fn.startswith('.tmp-'):
+                    names.append(os.path.relpath(os.path.join(root, fn), path).replace(os.sep, '/'))
+        names.sort()
+        if not names:
+            shards = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.endswith('.npz') and not f.startswith('.tmp-'))
+            if shards:
+                return _load_npz(shards, max_images)
+            raise ValueError(f'{path}: no images (.png/.jpg) or .npz shards found; check the folder')
+        if max_images is not None:
+            names = names[:max_images]
+        labels = None
+        if os.path.isfile(os.path.join(path, 'dataset.json')):
+            with open(os.path.join(path, 'dataset.json')) as f:
+                labels = _label_map(f.read(), path)
+        images = [read_image(os.path.join(path, n)) for n in names]
+        return _stack(images, names, labels, path)
+    raise ValueError(f'{path}: not an image folder, dataset zip or .npz file')
+
+def _stack(images, names, label_map, source):
+    if not images:
+        raise ValueError(f'{source}: no images found')
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise ValueError(f'{source}: images have different shapes {sorted(shapes)[:3]}; all must share one resolution and channel count')
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    labels = None
+    if label_map is not None:
+        missing = [n for n in names if label_map.get(n) is None]
+        if missing:
+            raise ValueError(f'{source}: dataset.json has no label for {missing[0]} (and {len(missing) - 1} more)')
+        labels = torch.tensor([label_map[n] for n in names], dtype=torch.int64)
+    return x, labels
+
+def _load_npz(paths, max_images):
+    xs, ys = [], []
+    for p in paths:
+        try:
+            with np.load(p) as z:
+                key = 'samples' if 'samples' in z else 'arr_0' if 'arr_0' in z else None
+                if key is None:
+                    raise ValueError(f'{p}: .npz has neither "samples" nor "arr_0"; pass images as [N,H,W,C] uint8')
+                x = z[key]
+                y = z['label'] if 'label' in z else z['arr_1'] if 'arr_1' in z else None
+        except ValueError:
+            raise
+        except Exception as e:
+            raise ValueError(f'{p}: not a readable .npz file ({type(e).__name__}); regenerate it') from None
+        if x.ndim != 4 or x.dtype != np.uint8:
+            raise ValueError(f'{p}: expected uint8 images [N,H,W,C], got {x.dtype} {list(x.shape)}')
+        xs.append(x)
+        ys.append(None if y is None or (y < 0).all() else y)
+    if len({x.shape[1:] for x in xs}) > 1:
+        raise ValueError(f'{paths[0]}: shards have different image shapes')
+    x = torch.from_numpy(np.concatenate(xs)).permute(0, 3, 1, 2).contiguous()
+    labels = None if any(y is None for y in ys) else torch.from_numpy(np.concatenate(ys).astype(np.int64))
+    if max_images is not None:
+        x = x[:max_images]
+        labels = None if labels is None else labels[:max_images]
+    return x, labels
