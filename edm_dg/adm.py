@@ -112,7 +112,7 @@ class AttentionPool2d(nn.Module):
         self.positional_embedding = nn.Parameter(torch.randn(embed_dim, spacial_dim ** 2 + 1) / embed_dim ** 0.5)
         self.qkv_proj = nn.Conv1d(embed_dim, 3 * embed_dim, 1)
         self.c_proj = nn.Conv1d(embed_dim, output_dim, 1)
-        self.num_heads = embed_dim // num_head_channels
+        self.num_heads = max(embed_dim // num_head_channels, 1)
 
     def forward(self, x):
         b, c, *_ = x.shape

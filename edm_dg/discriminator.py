@@ -74,12 +74,8 @@ def read_weights(path, what):
                               f'({type(e).__name__}); pass a .pt state dict saved with torch.save') from None
     return obj, sha256_bytes(data)
 
-def infer_encoder_args(sd):
-    """EncoderUNet constructor arguments from a guided-diffusion state dict's keys and shapes."""
-    required = ['input_blocks.0.0.weight', 'out.2.positional_embedding', 'out.2.c_proj.weight', 'time_embed.0.weight']
-    missing = [k for k in required if k not in sd]
-    if missing:
-        raise ValueError(f'missing keys {missing[:3]}')
+def _candidate_args(sd):
+    """Every ADM layout consistent with the number of input blocks and the final resolution."""
     width, in_channels = sd['input_blocks.0.0.weight'].shape[:2]
     out_channels = sd['out.2.c_proj.weight'].shape[0]
     r = round((sd['out.2.positional_embedding'].shape[1] - 1) ** 0.5)
@@ -109,8 +105,25 @@ def infer_encoder_args(sd):
                     condition='label_emb.weight' in sd)
         if args['condition']:
             args['num_classes'] = int(sd['label_emb.weight'].shape[0])
-        return args
-    raise ValueError(f'cannot match {n_blocks} input blocks and final resolution {r} to an ADM layout')
+        yield args
+
+def infer_encoder_args(sd):
+    """EncoderUNet constructor arguments whose state dict has exactly sd's keys and shapes."""
+    required = ['input_blocks.0.0.weight', 'out.2.positional_embedding', 'out.2.c_proj.weight', 'time_embed.0.weight']
+    missing = [k for k in required if k not in sd]
+    if missing:
+        raise ValueError(f'missing keys {missing[:3]}')
+    want = {k: tuple(v.shape) for k, v in sd.items()}
+    first_diff = None
+    for args in _candidate_args(sd):
+        with torch.device('meta'):
+            have = {k: tuple(v.shape) for k, v in EncoderUNet(**args).state_dict().items()}
+        if have == want:
+            return args
+        if first_diff is None:
+            diff = sorted(set(have) ^ set(want)) or [k for k in have if have[k] != want[k]]
+            first_diff = f'closest layout differs at {diff[0]}'
+    raise ValueError(first_diff or 'no ADM layout has this number of blocks and final resolution')
 
 def build_encoder(sd, path, what, lora_alpha=1.0):
     """Build an EncoderUNet from a state dict (plain or loralib LoRA keys) and load it strictly."""
@@ -125,7 +138,7 @@ def build_encoder(sd, path, what, lora_alpha=1.0):
             lora_lib.apply_lora(net, rank, lora_alpha)
         net.load_state_dict(sd, strict=True)
     except (ValueError, RuntimeError, KeyError) as e:
-        reason = str(e).strip().splitlines()[0][:200]
+        reason = ' '.join(str(e).split())[:200]
         raise CheckpointError(f'{path}: keys or shapes do not match a guided-diffusion EncoderUNetModel ({reason}); '
                               f'pass the {what} checkpoint of the DG release or one saved by this project') from None
     return net, args, rank
