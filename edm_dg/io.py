@@ -15,12 +15,16 @@ import torch
 #----------------------------------------------------------------------------
 # Atomic writes: temp file in the target folder, then rename.
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 @contextlib.contextmanager
 def atomic_open(path, mode='wb'):
     """Write to a temp file next to `path` and rename it over `path` on success."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix=os.path.basename(path))
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make outputs private
     try:
         with os.fdopen(fd, mode) as f:
             yield f

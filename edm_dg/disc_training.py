@@ -1,0 +1,271 @@
+"""Discriminator training (COMPAT §5): real vs. generated images through frozen ADM features.
+
+Every random draw (epoch permutation, VP times, noise) comes from generators
+seeded by (seed, epoch, rank), so a run resumed from an epoch checkpoint
+retraces an uninterrupted one exactly on CPU. Data parallelism: each rank takes
+a shard of every epoch's permutation and gradients are averaged across ranks.
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import tqdm
+from torch.nn import functional as F
+
+from torch_utils import distributed as dist
+from . import io as dgio
+from . import lora as lora_lib
+from . import vp
+from .discriminator import (Discriminator, discriminator_checkpoint, load_classifier, make_head,
+                            default_time_schedule, FORMAT)
+from .precision import autocast
+
+STATE_FILE = 'training-state.pt'
+
+#----------------------------------------------------------------------------
+# Data.
+
+def load_pair(real_path, fake_path, num=None, cond=False, log=print):
+    """Real and fake uint8 image tensors with equal counts (and int labels when cond)."""
+    real, real_labels = dgio.load_image_set(real_path)
+    fake, fake_labels = dgio.load_image_set(fake_path)
+    if real.shape[1:] != fake.shape[1:]:
+        raise ValueError(f'{fake_path}: images are {list(fake.shape[1:])} (C,H,W) but {real_path} has {list(real.shape[1:])}; '
+                         f'generate fakes at the real data\'s resolution and channel count')
+    if cond:
+        for path, labels in ((real_path, real_labels), (fake_path, fake_labels)):
+            if labels is None:
+                raise ValueError(f'{path}: --cond needs class labels (dataset.json with labels, or "label" in the .npz); '
+                                 f'drop --cond to train an unconditional discriminator')
+    n = min(len(real), len(fake)) if num is None else num
+    if n > min(len(real), len(fake)):
+        raise ValueError(f'--num={num} but only {len(real)} real ({real_path}) and {len(fake)} fake ({fake_path}) images exist')
+    if len(real) != len(fake) and num is None:
+        log(f'Using {n} images of each kind (real has {len(real)}, fake has {len(fake)}).')
+    real, fake = real[:n], fake[:n]
+    labels = None
+    if cond:
+        labels = torch.cat([real_labels[:n], fake_labels[:n]])
+    images = torch.cat([real, fake])
+    targets = torch.cat([torch.ones(n), torch.zeros(n)])
+    return images, targets, labels
+
+def to_float(images_u8):
+    """uint8 [N,C,H,W] -> float in [-1, 1] (generate_dg.py's inverse up to rounding)."""
+    return images_u8.to(torch.float32) / 127.5 - 1
+
+def noisy_batch(images_u8, gen):
+    """Importance-sampled VP time and perturbed images x_tau = mean x + std eps."""
+    x = to_float(images_u8)
+    u = torch.rand(x.shape[0], generator=gen, device=x.device)
+    tau = vp.importance_time(u).to(torch.float32)
+    eps = torch.randn(x.shape, generator=gen, device=x.device)
+    return vp.perturb(x, tau, eps), tau
+
+def _generator(device, *keys):
+    g = torch.Generator(device)
+    g.manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+    return g
+
+#----------------------------------------------------------------------------
+
+def build(classifier_path, cond=False, lora_rank=0, lora_alpha=1.0, head_width=128, head_depth=2, num_classes=1000, seed=0):
+    """Fresh discriminator (frozen classifier, trainable head and adapters) and the classifier's hash/args."""
+    classifier, cls_args, sha = load_classifier(classifier_path)
+    torch.manual_seed(seed)
+    if lora_rank:
+        lora_lib.apply_lora(classifier, lora_rank, lora_alpha)
+        for p in lora_lib.lora_parameters(classifier):
+            p.requires_grad_(True)
+    head = make_head(classifier.feature_channels, classifier.feature_resolution, cond=cond,
+                     num_classes=num_classes, width=head_width, depth=head_depth)
+    disc = Discriminator(classifier, head, default_time_schedule(cls_args))
+    return disc, sha, cls_args
+
+def trainable_parameters(disc):
+    return list(disc.head.parameters()) + lora_lib.lora_parameters(disc.classifier)
+
+def disc_logits(disc, x, tau, labels, lora_on):
+    """Head logits; classifier features without autograd unless LoRA adapters train."""
+    t = disc.classifier_time(tau)
+    if lora_on:
+        feats = disc.classifier.features(x, t)
+    else:
+        with torch.no_grad():
+            feats = disc.classifier.features(x, t)
+    return disc.head(feats, t, labels if disc.cond else None).reshape(-1)
+
+@torch.no_grad()
+def evaluate(disc, images_u8, targets, labels=None, batch=256, seed=0, device='cpu'):
+    """BCE loss and accuracy on real / fake at importance-sampled times (fixed seed)."""
+    disc.eval()
+    gen = _generator(device, seed, 999)
+    total, correct_r, correct_f, n_r, n_f = 0.0, 0, 0, 0, 0
+    for i in range(0, len(images_u8), batch):
+        x, tau = noisy_batch(images_u8[i:i + batch].to(device), gen)
+        y = targets[i:i + batch].to(device)
+        lab = None if labels is None else labels[i:i + batch].to(device)
+        logits = disc_logits(disc, x, tau, lab, False).float()
+        total += F.binary_cross_entropy_with_logits(logits, y, reduction='sum').item()
+        pred = logits > 0
+        correct_r += (pred & (y == 1)).sum().item()
+        correct_f += (~pred & (y == 0)).sum().item()
+        n_r += (y == 1).sum().item()
+        n_f += (y == 0).sum().item()
+    return dict(loss=total / len(images_u8), acc_real=correct_r / max(n_r, 1), acc_fake=correct_f / max(n_f, 1))
+
+#----------------------------------------------------------------------------
+
+def train(outdir, real, fake, classifier_path, *, epochs=60, batch=128, lr=3e-4, weight_decay=1e-7, cond=False,
+          num=None, lora_rank=0, lora_alpha=1.0, head_width=128, head_depth=2, num_classes=1000, seed=0,
+          snap=1, precision='fp32', channels_last=False, resume=False, device='cpu', progress=True, log=print,
+          stop_after_steps=None):
+    """Train a discriminator; writes disc-EEEE.pt per snapshot, metrics.jsonl, training-curves.png.
+
+    Returns the path of the last checkpoint. `stop_after_steps` ends the run
+    early (used to test resuming).
+    """
+    device = torch.device(device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if batch % world:
+        raise ValueError(f'--batch={batch} must be divisible by the number of processes ({world})')
+    os.makedirs(outdir, exist_ok=True)
+    state_path = os.path.join(outdir, STATE_FILE)
+    if os.path.isfile(state_path) and not resume:
+        raise ValueError(f'{outdir}: already holds a training run; pass --resume to continue it or choose another --outdir')
+
+    images, targets, labels = load_pair(real, fake, num, cond, log)
+    disc, sha, cls_args = build(classifier_path, cond, lora_rank, lora_alpha, head_width, head_depth, num_classes, seed)
+    if images.shape[1] != disc.classifier.in_channels or images.shape[2] != disc.classifier.image_size:
+        raise ValueError(f'{classifier_path}: classifier takes {disc.classifier.in_channels}x{disc.classifier.image_size}x'
+                         f'{disc.classifier.image_size} images but {real} has {images.shape[1]}x{images.shape[2]}x{images.shape[3]}; '
+                         f'pass a classifier for this resolution (python -m edm_dg.train_classifier)')
+    disc.to(device)
+    if channels_last:
+        disc.to(memory_format=torch.channels_last)
+    images = images.to(device)
+    targets = targets.to(device)
+    labels = None if labels is None else labels.to(device)
+    params = trainable_parameters(disc)
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=(precision == 'fp16' and device.type == 'cuda'))
+
+    start_epoch = 0
+    if resume and os.path.isfile(state_path):
+        st = torch.load(state_path, map_location='cpu', weights_only=True)
+        if st['classifier_sha256'] != sha:
+            raise ValueError(f'{state_path}: run used a different classifier; pass the same --classifier to resume')
+        disc.head.load_state_dict(st['head'])
+        if st['lora']:
+            disc.classifier.load_state_dict(st['lora'], strict=False)
+        opt.load_state_dict(st['optimizer'])
+        start_epoch = st['epoch']
+        log(f'Resuming from epoch {start_epoch} of {outdir}.')
+    if start_epoch >= epochs:
+        log(f'Nothing to do: run already has {start_epoch} epochs.')
+
+    lora_on = lora_rank > 0
+    n = len(images)
+    steps_per_epoch = max(n // batch, 1)
+    local = batch // world
+    config = dict(real=real, fake=fake, classifier=classifier_path, epochs=epochs, batch=batch, lr=lr,
+                  weight_decay=weight_decay, cond=cond, num=n // 2, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                  head_width=head_width, head_depth=head_depth, seed=seed, precision=precision, world_size=world)
+    if rank == 0:
+        dgio.atomic_write_json(os.path.join(outdir, 'config.json'), config, indent=2)
+    last = None
+    steps_done = 0
+    for epoch in range(start_epoch, epochs):
+        disc.head.train()
+        perm = torch.randperm(n, generator=_generator('cpu', seed, epoch)).to(device)
+        gen = _generator(device, seed, epoch, rank + 1)
+        t0 = time.time()
+        sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss*n, correct real, n real, correct fake, n fake
+        bar = tqdm.tqdm(range(steps_per_epoch), desc=f'epoch {epoch + 1}/{epochs}', disable=(not progress) or rank != 0,
+                        dynamic_ncols=True, leave=False)
+        for step in bar:
+            idx = perm[step * batch:(step + 1) * batch][rank * local:(rank + 1) * local]
+            x, tau = noisy_batch(images[idx], gen)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = targets[idx]
+            lab = None if labels is None else labels[idx]
+            with autocast(device.type, precision):
+                logits = disc_logits(disc, x, tau, lab, lora_on).float()
+            loss = F.binary_cross_entropy_with_logits(logits, y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if world > 1:
+                for p in params:
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
+            scaler.step(opt)
+            scaler.update()
+            with torch.no_grad():
+                pred = logits > 0
+                sums += torch.stack([loss.detach().double() * len(y), (pred & (y == 1)).sum().double(), (y == 1).sum().double(),
+                                     (~pred & (y == 0)).sum().double(), (y == 0).sum().double()])
+            if rank == 0 and progress and step % 10 == 0:
+                s = sums.tolist()
+                bar.set_postfix(loss=f'{s[0] / max(s[2] + s[4], 1):.4f}', acc=f'{(s[1] + s[3]) / max(s[2] + s[4], 1):.3f}')
+            steps_done += 1
+            if stop_after_steps is not None and steps_done >= stop_after_steps:
+                return last
+        bar.close()
+        dist.all_reduce(sums)
+        s = sums.tolist()
+        secs = time.time() - t0
+        rec = dict(epoch=epoch + 1, loss=s[0] / max(s[2] + s[4], 1), acc_real=s[1] / max(s[2], 1),
+                   acc_fake=s[3] / max(s[4], 1), seconds=secs, images_per_s=steps_per_epoch * batch / max(secs, 1e-9))
+        if rank == 0:
+            ckpt = discriminator_checkpoint(disc, sha, cls_args, lora_rank, lora_alpha, extra=dict(training=rec, config=config))
+            if (epoch + 1) % snap == 0 or epoch + 1 == epochs:
+                last = os.path.join(outdir, f'disc-{epoch + 1:04d}.pt')
+                dgio.atomic_torch_save(ckpt, last)
+            dgio.atomic_torch_save(dict(epoch=epoch + 1, head=ckpt['head'], lora=ckpt['lora'], optimizer=opt.state_dict(),
+                                        classifier_sha256=sha), state_path)
+            _append_metrics(outdir, rec)
+            plot_metrics(outdir)
+            log(f'epoch {epoch + 1}/{epochs}: loss {rec["loss"]:.4f}, acc real {rec["acc_real"]:.3f}, '
+                f'fake {rec["acc_fake"]:.3f}, {rec["images_per_s"]:.1f} img/s')
+        dist.barrier()
+    return last
+
+def _append_metrics(outdir, rec):
+    """metrics.jsonl keeps one line per epoch; a resumed run replaces lines of redone epochs."""
+    path = os.path.join(outdir, 'metrics.jsonl')
+    lines = read_metrics(outdir)
+    lines = [l for l in lines if l['epoch'] < rec['epoch']] + [rec]
+    dgio.atomic_write_text(path, ''.join(json.dumps(l) + '\n' for l in lines))
+
+def read_metrics(outdir):
+    path = os.path.join(outdir, 'metrics.jsonl')
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(l) for l in f if l.strip()]
+
+def plot_metrics(outdir):
+    """training-curves.png: loss and accuracy (real, fake) per epoch."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    recs = read_metrics(outdir)
+    if not recs:
+        return
+    ep = [r['epoch'] for r in recs]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a1.plot(ep, [r['loss'] for r in recs], marker='o')
+    a1.set_xlabel('epoch'); a1.set_ylabel('BCE loss'); a1.grid(alpha=0.3)
+    a2.plot(ep, [r['acc_real'] for r in recs], marker='o', label='real')
+    a2.plot(ep, [r['acc_fake'] for r in recs], marker='o', label='fake')
+    a2.axhline(0.5, color='gray', lw=0.8, ls='--')
+    a2.set_xlabel('epoch'); a2.set_ylabel('accuracy'); a2.legend(); a2.grid(alpha=0.3)
+    fig.tight_layout()
+    with dgio.atomic_open(os.path.join(outdir, 'training-curves.png')) as f:
+        fig.savefig(f, format='png', dpi=100)
+    plt.close(fig)

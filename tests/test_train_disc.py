@@ -1,0 +1,142 @@
+"""train_disc.py: learning, LoRA freezing, exact resume, torchrun, input formats, bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import assert_one_line_error, py, tiny_classifier, torchrun
+from edm_dg import lora
+from edm_dg.disc_training import evaluate, load_pair, read_metrics, train
+from edm_dg.discriminator import load_discriminator
+
+TINY = dict(head_width=64, head_depth=1, progress=False, log=lambda *a: None)
+
+def write_set(folder, x_u8, labels=None):
+    os.makedirs(folder, exist_ok=True)
+    names = []
+    for i, im in enumerate(x_u8.permute(0, 2, 3, 1).numpy()):
+        names.append(f'{i:05d}.png')
+        Image.fromarray(im).save(os.path.join(folder, names[-1]))
+    if labels is not None:
+        with open(os.path.join(folder, 'dataset.json'), 'w') as f:
+            json.dump({'labels': [[n, int(l)] for n, l in zip(names, labels)]}, f)
+
+def sharp_and_blurred(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 16, 16, generator=g)
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode='replicate'), 3, 1)
+    to_u8 = lambda t: (t * 255).round().clamp(0, 255).to(torch.uint8)
+    return to_u8(x), to_u8(blurred)
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp('disc')
+    real, fake = sharp_and_blurred(256, 0)
+    labels = torch.arange(256) % 10
+    write_set(str(d / 'real'), real, labels)
+    write_set(str(d / 'fake'), fake, labels)
+    vreal, vfake = sharp_and_blurred(128, 1)
+    write_set(str(d / 'real_val'), vreal)
+    write_set(str(d / 'fake_val'), vfake)
+    torch.save(tiny_classifier().state_dict(), d / 'cls.pt')
+    return d
+
+def test_learns_real_vs_blurred(data, tmp_path):
+    last = train(str(tmp_path / 'run'), str(data / 'real'), str(data / 'fake'), str(data / 'cls.pt'),
+                 epochs=5, batch=32, **TINY)
+    metrics = read_metrics(str(tmp_path / 'run'))
+    assert [m['epoch'] for m in metrics] == [1, 2, 3, 4, 5]
+    assert metrics[-1]['loss'] < metrics[0]['loss'] - 0.05
+    assert all(m['images_per_s'] > 0 for m in metrics)
+    assert os.path.getsize(tmp_path / 'run' / 'training-curves.png') > 1000
+    disc = load_discriminator(last, str(data / 'cls.pt'))
+    images, targets, _ = load_pair(str(data / 'real_val'), str(data / 'fake_val'))
+    ev = evaluate(disc, images, targets)
+    assert (ev['acc_real'] + ev['acc_fake']) / 2 > 0.6, ev
+    assert ev['loss'] < 0.69
+
+def test_lora_changes_only_adapters_and_head(data, tmp_path):
+    before = torch.load(data / 'cls.pt', weights_only=True)
+    last = train(str(tmp_path / 'run'), str(data / 'real'), str(data / 'fake'), str(data / 'cls.pt'),
+                 epochs=1, batch=32, num=64, lora_rank=2, **TINY)
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt['lora_rank'] == 2 and ckpt['lora'] and all(k.endswith(('lora_A', 'lora_B')) for k in ckpt['lora'])
+    assert not any('in_layers.2.conv' in k for k in ckpt['lora'])  # classifier weights are not stored
+    assert any(v.abs().sum() > 0 for k, v in ckpt['lora'].items() if k.endswith('lora_B'))  # adapters trained
+    disc = load_discriminator(last, str(data / 'cls.pt'))
+    base = lora.to_plain_state_dict(disc.classifier.state_dict())
+    assert base.keys() == before.keys()
+    assert all(torch.equal(base[k], before[k]) for k in before)  # bit-identical
+    assert torch.equal(torch.load(data / 'cls.pt', weights_only=True)['time_embed.0.weight'], before['time_embed.0.weight'])
+
+def test_resume_reaches_same_weights(data, tmp_path):
+    kw = dict(epochs=3, batch=32, num=64, lora_rank=1, **TINY)
+    ref = train(str(tmp_path / 'a'), str(data / 'real'), str(data / 'fake'), str(data / 'cls.pt'), **kw)
+    # Interrupted in the middle of epoch 2, then resumed.
+    train(str(tmp_path / 'b'), str(data / 'real'), str(data / 'fake'), str(data / 'cls.pt'), stop_after_steps=6, **kw)
+    assert read_metrics(str(tmp_path / 'b'))[-1]['epoch'] == 1
+    with pytest.raises(ValueError, match='--resume'):
+        train(str(tmp_path / 'b'), str(data / 'real'), str(data / 'fake'), str(data / 'cls.pt'), **kw)
+    res = train(str(tmp_path / 'b'), str(data / 'real'), str(data / 'fake'), str(data / 'cls.pt'), resume=True, **kw)
+    a, b = torch.load(ref, weights_only=True), torch.load(res, weights_only=True)
+    assert all(torch.equal(a['head'][k], b['head'][k]) for k in a['head'])
+    assert all(torch.equal(a['lora'][k], b['lora'][k]) for k in a['lora'])
+    assert [m['loss'] for m in read_metrics(str(tmp_path / 'a'))] == [m['loss'] for m in read_metrics(str(tmp_path / 'b'))]
+
+def test_cond_and_npz_inputs(data, tmp_path):
+    real, fake = sharp_and_blurred(32, 2)
+    np.savez(tmp_path / 'real.npz', arr_0=real.permute(0, 2, 3, 1).numpy())  # DG release layout, no labels
+    np.savez(tmp_path / 'fake.npz', samples=fake.permute(0, 2, 3, 1).numpy(), label=np.arange(32) % 10)
+    last = train(str(tmp_path / 'u'), str(tmp_path / 'real.npz'), str(tmp_path / 'fake.npz'), str(data / 'cls.pt'),
+                 epochs=1, batch=16, **TINY)
+    assert os.path.isfile(last)
+    with pytest.raises(ValueError, match='real.npz: --cond needs class labels'):
+        train(str(tmp_path / 'c'), str(tmp_path / 'real.npz'), str(tmp_path / 'fake.npz'), str(data / 'cls.pt'),
+              epochs=1, batch=16, cond=True, **TINY)
+    last = train(str(tmp_path / 'c2'), str(data / 'real'), str(data / 'fake'), str(data / 'cls.pt'),
+                 epochs=1, batch=16, num=32, cond=True, **TINY)
+    assert load_discriminator(last, str(data / 'cls.pt')).cond
+
+def test_torchrun_two_processes(data, tmp_path):
+    p = torchrun('train_disc.py', f'--real={data / "real"}', f'--fake={data / "fake"}', f'--classifier={data / "cls.pt"}',
+                 f'--outdir={tmp_path / "run"}', '--epochs=2', '--batch=32', '--num_images=64', '--head_width=64', '--head_depth=1')
+    assert p.returncode == 0, p.stderr
+    files = sorted(os.listdir(tmp_path / 'run'))
+    assert [f for f in files if f.startswith('disc-')] == ['disc-0001.pt', 'disc-0002.pt']
+    assert len(read_metrics(str(tmp_path / 'run'))) == 2
+    # The checkpoint samples directly in generate_dg.py.
+    from conftest import save_edm_pickle, tiny_edm
+    net = save_edm_pickle(tiny_edm(), str(tmp_path / 'net.pkl'))
+    g = py('generate_dg.py', f'--network={net}', f'--disc={tmp_path / "run" / "disc-0002.pt"}', f'--classifier={data / "cls.pt"}',
+           '--seeds=0-1', '--steps=3', f'--outdir={tmp_path / "gen"}')
+    assert g.returncode == 0, g.stderr
+    assert len([f for f in os.listdir(tmp_path / 'gen') if f.endswith('.png')]) == 2
+
+def test_bad_inputs(data, tmp_path):
+    common = [f'--classifier={data / "cls.pt"}', '--epochs=1', '--batch=8', '--head_width=64', '--head_depth=1']
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    assert_one_line_error(py('train_disc.py', f'--real={empty}', f'--fake={data / "fake"}', f'--outdir={tmp_path / "o1"}', *common),
+                          'empty', 'no images')
+    corrupt = tmp_path / 'corrupt'
+    corrupt.mkdir()
+    Image.new('RGB', (16, 16)).save(corrupt / 'a.png')
+    (corrupt / 'b.png').write_bytes(b'\x89PNG\r\n\x1a\n garbage')
+    assert_one_line_error(py('train_disc.py', f'--real={corrupt}', f'--fake={data / "fake"}', f'--outdir={tmp_path / "o2"}', *common),
+                          'b.png', 'not a readable image')
+    small = tmp_path / 'small'
+    write_set(str(small), torch.zeros(4, 3, 8, 8, dtype=torch.uint8))
+    assert_one_line_error(py('train_disc.py', f'--real={data / "real"}', f'--fake={small}', f'--outdir={tmp_path / "o3"}', *common),
+                          'small', 'resolution')
+    assert_one_line_error(py('train_disc.py', f'--real={data / "real_val"}', f'--fake={data / "fake"}', f'--outdir={tmp_path / "o4"}', '--cond', *common),
+                          'real_val', '--cond needs class labels')
+    wrong = tmp_path / 'wrong.pt'
+    torch.save({'conv.weight': torch.zeros(3, 3)}, wrong)
+    assert_one_line_error(py('train_disc.py', f'--real={data / "real"}', f'--fake={data / "fake"}', f'--outdir={tmp_path / "o5"}',
+                             f'--classifier={wrong}', '--epochs=1'), 'wrong.pt', 'do not match')
+    assert not os.path.exists(tmp_path / 'o5' / 'disc-0001.pt')

@@ -1,0 +1,55 @@
+"""Train a DG discriminator: frozen ADM classifier features + a shallow head (optionally LoRA).
+
+Real images come from an EDM dataset (zip or folder with dataset.json), the DG
+release's .npz files or an image folder; fake images from a generate_dg.py
+output folder or its .npz shards. One checkpoint per epoch, each usable as
+`generate_dg.py --disc`. Rerun with --resume to continue an interrupted run.
+
+\b
+  torchrun --standalone --nproc_per_node=8 train_disc.py --real=datasets/cifar10-32x32.zip \\
+      --fake=samples/edm-uncond --classifier=32x32_classifier.pt --outdir=disc-runs/uncond --epochs=60
+"""
+
+import click
+import torch
+
+from torch_utils import distributed as dist
+from edm_dg.discriminator import CheckpointError
+from edm_dg.disc_training import train
+
+@click.command(help=__doc__)
+@click.option('--real',        help='Real images: EDM dataset zip/folder, .npz, or image folder', metavar='PATH', required=True)
+@click.option('--fake',        help='Generated images: generate_dg.py folder, .npz file or shard folder', metavar='PATH', required=True)
+@click.option('--classifier', 'classifier_path', help='ADM classifier used as frozen feature extractor', metavar='PATH', required=True)
+@click.option('--outdir',      help='Run folder (checkpoints, metrics.jsonl, training-curves.png)', metavar='DIR', required=True)
+@click.option('--epochs',      help='Number of epochs (release: 60 uncond, 250 cond)', type=click.IntRange(min=1), default=60, show_default=True)
+@click.option('--batch',       help='Global batch size (all processes)', type=click.IntRange(min=1), default=128, show_default=True)
+@click.option('--lr',          help='Adam learning rate', type=click.FloatRange(min=0, min_open=True), default=3e-4, show_default=True)
+@click.option('--weight_decay', help='Adam weight decay', type=click.FloatRange(min=0), default=1e-7, show_default=True)
+@click.option('--cond',        help='Class-conditional discriminator (needs labels)', is_flag=True)
+@click.option('--num_images', '--num', 'num', help='Images of each kind  [default: all, equal counts]; under torchrun write --num_images (torchrun takes --num for its --numa-binding)', type=click.IntRange(min=1), default=None)
+@click.option('--lora_rank',   help='LoRA rank on the classifier (0 = off)', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--lora_alpha',  help='LoRA alpha (update scaled by alpha/rank)', type=float, default=1.0, show_default=True)
+@click.option('--head_width',  help='Head channels', type=click.IntRange(min=64), default=128, show_default=True)
+@click.option('--head_depth',  help='Head residual blocks', type=click.IntRange(min=1), default=2, show_default=True)
+@click.option('--seed',        help='Random seed', type=int, default=0, show_default=True)
+@click.option('--snap',        help='Keep a checkpoint every N epochs', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--precision',   help='Autocast precision', type=click.Choice(['fp32', 'bf16', 'fp16']), default='fp32', show_default=True)
+@click.option('--channels_last', help='channels_last memory format', is_flag=True)
+@click.option('--resume',      help='Continue the run in --outdir from its last epoch', is_flag=True)
+@click.option('--device',      help='Device  [default: cuda if available]', default=None)
+def main(device, **kwargs):
+    try:
+        if device is None:
+            device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        dist.init(torch.device(device).type)
+        if device == 'cuda':
+            device = f'cuda:{dist.get_local_rank()}'
+        train(device=device, log=dist.print0, **kwargs)
+    except (ValueError, CheckpointError, OSError) as e:
+        raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    finally:
+        dist.shutdown()
+
+if __name__ == '__main__':
+    main()
