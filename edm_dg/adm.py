@@ -77,11 +77,10 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 def _attention(q, k, v):
-    """Softmax attention over [B*heads, ch, T] tensors; scale split between q and k as in ADM."""
-    scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
-    w = torch.einsum('bct,bcs->bts', q * scale, k * scale)
-    w = torch.softmax(w.float(), dim=-1).type(w.dtype)
-    return torch.einsum('bts,bcs->bct', w, v)
+    """softmax(q^T k / sqrt(ch)) v over [B*heads, ch, T] tensors (fused kernel; ADM's math)."""
+    q, k, v = (t.transpose(1, 2).unsqueeze(0).contiguous() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.squeeze(0).transpose(1, 2)
 
 class AttentionBlock(nn.Module):
     """Spatial self-attention with the legacy (heads-first) qkv layout."""

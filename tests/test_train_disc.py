@@ -140,3 +140,19 @@ def test_bad_inputs(data, tmp_path):
     assert_one_line_error(py('train_disc.py', f'--real={data / "real"}', f'--fake={data / "fake"}', f'--outdir={tmp_path / "o5"}',
                              f'--classifier={wrong}', '--epochs=1'), 'wrong.pt', 'do not match')
     assert not os.path.exists(tmp_path / 'o5' / 'disc-0001.pt')
+
+def test_train_classifier_feeds_train_disc(data, tmp_path):
+    """A classifier trained by edm_dg.train_classifier is accepted by --classifier."""
+    p = run_module('edm_dg.train_classifier', f'--data={data / "real"}', f'--outdir={tmp_path / "cls"}',
+                   '--epochs=1', '--batch=64', '--width=64', '--depth=1')
+    assert p.returncode == 0, p.stderr
+    cls = tmp_path / 'cls' / 'classifier.pt'
+    sd = torch.load(cls, weights_only=True)
+    assert sd['out.2.c_proj.weight'].shape[0] == 10
+    last = train(str(tmp_path / 'd'), str(data / 'real'), str(data / 'fake'), str(cls), epochs=1, batch=32, num=64, **TINY)
+    assert load_discriminator(last, str(cls)).classifier.image_size == 16
+
+def run_module(mod, *args):
+    import sys
+    from conftest import run_cli
+    return run_cli([sys.executable, '-m', mod, *args])

@@ -1,0 +1,94 @@
+"""Train a noise-conditional ADM classifier to use as DG feature extractor on a new dataset.
+
+    python -m edm_dg.train_classifier --data=datasets/mydata.zip --outdir=cls-run
+
+VP time is importance-sampled as in discriminator training, images perturbed,
+and the classifier trained with cross-entropy on the class labels. The result,
+`classifier.pt`, is a guided-diffusion-layout state dict that `--classifier`
+accepts. Resumable with --resume (state saved every epoch).
+"""
+
+import os
+import time
+
+import click
+import torch
+import tqdm
+from torch.nn import functional as F
+
+from torch_utils import distributed as dist
+from . import io as dgio
+from .adm import EncoderUNet
+from .disc_training import _generator, noisy_batch
+
+def train_classifier(data, outdir, *, epochs=20, batch=128, lr=3e-4, weight_decay=0.05, width=128, depth=2,
+                     attention='32,16,8', seed=0, resume=False, device='cpu', progress=True, log=print):
+    """Returns the path of classifier.pt (written atomically after every epoch)."""
+    device = torch.device(device)
+    images, labels = dgio.load_image_set(data)
+    if labels is None:
+        raise ValueError(f'{data}: no class labels (dataset.json); a classifier needs a labelled dataset')
+    res = images.shape[2]
+    num_classes = int(labels.max()) + 1
+    torch.manual_seed(seed)
+    net = EncoderUNet.from_create_classifier_args(image_size=res, in_channels=images.shape[1], classifier_width=width,
+                                                  classifier_depth=depth, classifier_attention_resolutions=attention,
+                                                  out_channels=num_classes).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    os.makedirs(outdir, exist_ok=True)
+    state_path = os.path.join(outdir, 'classifier-state.pt')
+    start = 0
+    if os.path.isfile(state_path):
+        if not resume:
+            raise ValueError(f'{outdir}: already holds a classifier run; pass --resume or choose another --outdir')
+        st = torch.load(state_path, map_location='cpu', weights_only=True)
+        net.load_state_dict(st['net'])
+        opt.load_state_dict(st['optimizer'])
+        start = st['epoch']
+    images, labels = images.to(device), labels.to(device)
+    n = len(images)
+    steps = max(n // batch, 1)
+    out_path = os.path.join(outdir, 'classifier.pt')
+    for epoch in range(start, epochs):
+        net.train()
+        perm = torch.randperm(n, generator=_generator('cpu', seed, epoch)).to(device)
+        gen = _generator(device, seed, epoch, 7)
+        t0, tot, correct = time.time(), 0.0, 0
+        bar = tqdm.tqdm(range(steps), desc=f'classifier {epoch + 1}/{epochs}', disable=not progress, leave=False, dynamic_ncols=True)
+        for step in bar:
+            idx = perm[step * batch:(step + 1) * batch]
+            x, tau = noisy_batch(images[idx], gen)
+            logits = net(x, tau)
+            loss = F.cross_entropy(logits, labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += loss.item() * len(idx)
+            correct += (logits.argmax(1) == labels[idx]).sum().item()
+            bar.set_postfix(loss=f'{tot / ((step + 1) * batch):.3f}')
+        bar.close()
+        log(f'classifier epoch {epoch + 1}/{epochs}: loss {tot / (steps * batch):.4f}, '
+            f'acc {correct / (steps * batch):.3f}, {time.time() - t0:.1f}s')
+        dgio.atomic_torch_save({k: v.cpu() for k, v in net.state_dict().items()}, out_path)
+        dgio.atomic_torch_save(dict(net=net.state_dict(), optimizer=opt.state_dict(), epoch=epoch + 1), state_path)
+    return out_path
+
+@click.command(help=__doc__)
+@click.option('--data', help='Labelled EDM dataset (zip or folder with dataset.json)', metavar='PATH', required=True)
+@click.option('--outdir', help='Run folder; classifier.pt is written there', metavar='DIR', required=True)
+@click.option('--epochs', type=click.IntRange(min=1), default=20, show_default=True)
+@click.option('--batch', type=click.IntRange(min=1), default=128, show_default=True)
+@click.option('--lr', type=click.FloatRange(min=0, min_open=True), default=3e-4, show_default=True)
+@click.option('--width', help='Base channels (multiple of 64)', type=click.IntRange(min=64), default=128, show_default=True)
+@click.option('--depth', help='Residual blocks per level', type=click.IntRange(min=1), default=2, show_default=True)
+@click.option('--seed', type=int, default=0, show_default=True)
+@click.option('--resume', is_flag=True, help='Continue the run in --outdir')
+@click.option('--device', default=None, help='Device  [default: cuda if available]')
+def main(device, **kwargs):
+    try:
+        train_classifier(device=device or ('cuda' if torch.cuda.is_available() else 'cpu'), **kwargs)
+    except (ValueError, OSError) as e:
+        raise click.ClickException(str(e).splitlines()[0])
+
+if __name__ == '__main__':
+    main()
