@@ -117,6 +117,25 @@ def evaluate(disc, images_u8, targets, labels=None, batch=256, seed=0, device='c
         n_f += (y == 0).sum().item()
     return dict(loss=total / len(images_u8), acc_real=correct_r / max(n_r, 1), acc_fake=correct_f / max(n_f, 1))
 
+def train_step(disc, opt, scaler, images_u8, y, labels, gen, params, lora_on, precision='fp32', channels_last=False, world=1):
+    """One optimisation step on a batch of uint8 images; returns (loss, logits)."""
+    x, tau = noisy_batch(images_u8, gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(x.device.type, precision):
+        logits = disc_logits(disc, x, tau, labels, lora_on).float()
+    loss = F.binary_cross_entropy_with_logits(logits, y)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if world > 1:
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+    scaler.step(opt)
+    scaler.update()
+    return loss, logits
+
 #----------------------------------------------------------------------------
 
 def train(outdir, real, fake, classifier_path, *, epochs=60, batch=128, lr=3e-4, weight_decay=1e-7, cond=False,
@@ -188,23 +207,9 @@ def train(outdir, real, fake, classifier_path, *, epochs=60, batch=128, lr=3e-4,
                         dynamic_ncols=True, leave=False)
         for step in bar:
             idx = perm[step * batch:(step + 1) * batch][rank * local:(rank + 1) * local]
-            x, tau = noisy_batch(images[idx], gen)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             y = targets[idx]
-            lab = None if labels is None else labels[idx]
-            with autocast(device.type, precision):
-                logits = disc_logits(disc, x, tau, lab, lora_on).float()
-            loss = F.binary_cross_entropy_with_logits(logits, y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if world > 1:
-                for p in params:
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad /= world
-            scaler.step(opt)
-            scaler.update()
+            loss, logits = train_step(disc, opt, scaler, images[idx], y, None if labels is None else labels[idx], gen,
+                                      params, lora_on, precision, channels_last, world)
             with torch.no_grad():
                 pred = logits > 0
                 sums += torch.stack([loss.detach().double() * len(y), (pred & (y == 1)).sum().double(), (y == 1).sum().double(),

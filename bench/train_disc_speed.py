@@ -1,0 +1,145 @@
+"""Discriminator-training throughput: this project's loop vs. one written as the DG release does it.
+
+Same process, same real-size networks (32x32 ADM classifier, released head
+layout, seeded random weights), same batch; warm-up excluded, median of repeats.
+The release-style loop keeps images as numpy arrays fed through a DataLoader
+with per-sample transforms, leaves the classifier trainable in train mode, uses
+ADM's einsum attention with the attention blocks checkpointed, and a sigmoid +
+BCELoss.
+
+    python bench/train_disc_speed.py --batch=32 --steps=3
+"""
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import click
+import numpy as np
+import torch
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from edm_dg import adm, vp
+from edm_dg.adm import EncoderUNet
+from edm_dg.discriminator import Discriminator, make_head
+from edm_dg.disc_training import _generator, train_step
+
+LAYOUTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests', 'data', 'checkpoint_layouts.json')
+
+def real_size_disc(seed=0):
+    with open(LAYOUTS) as f:
+        args = json.load(f)['adm_classifier_32x32']['create_classifier_args']
+    torch.manual_seed(seed)
+    cls = EncoderUNet.from_create_classifier_args(**args)
+    head = make_head(cls.feature_channels, cls.feature_resolution)
+    return Discriminator(cls, head)
+
+def einsum_attention(q, k, v):
+    """guided-diffusion's QKVAttentionLegacy arithmetic."""
+    scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
+    w = torch.einsum('bct,bcs->bts', q * scale, k * scale)
+    w = torch.softmax(w.float(), dim=-1).type(w.dtype)
+    return torch.einsum('bts,bcs->bct', w, v)
+
+class ReleaseStyle:
+    """The release's loop: DataLoader over numpy, per-sample ToTensor, trainable classifier, checkpointed attention."""
+
+    def __init__(self, disc, data_u8_nhwc, targets, batch):
+        self.disc = disc
+        self.disc.classifier.train().requires_grad_(True)
+        self.disc.head.train()
+        for m in list(disc.classifier.modules()) + list(disc.head.modules()):
+            if isinstance(m, adm.AttentionBlock):
+                fwd = m.forward
+                m.forward = (lambda f: (lambda x: checkpoint(f, x, use_reentrant=False)))(fwd)
+        class DS(torch.utils.data.Dataset):
+            def __len__(self_):
+                return len(data_u8_nhwc)
+            def __getitem__(self_, i):
+                img = torch.from_numpy(np.ascontiguousarray(data_u8_nhwc[i].transpose(2, 0, 1))).float() / 255.0
+                return img, targets[i]
+        self.loader = torch.utils.data.DataLoader(DS(), batch_size=batch, shuffle=True, num_workers=1, drop_last=True)
+        self.opt = torch.optim.Adam(disc.head.parameters(), lr=3e-4, weight_decay=1e-7)
+        self.loss = torch.nn.BCELoss()
+
+    def run(self, steps):
+        it = iter(self.loader)
+        for _ in range(steps):
+            x, y = next(it)
+            x = 2 * x - 1
+            self.opt.zero_grad()
+            t = vp.importance_time(torch.rand(x.shape[0])).float()
+            z = torch.randn_like(x)
+            xt = vp.perturb(x, t, z)
+            with torch.no_grad():
+                feats = self.disc.classifier.features(xt, t)
+            pred = torch.sigmoid(self.disc.head(feats, t)).view(-1)
+            out = self.loss(pred, y.float())
+            out.backward()
+            self.opt.step()
+
+class Ours:
+    def __init__(self, disc, data_u8_nchw, targets, batch, precision):
+        self.disc = disc.train()
+        self.disc.classifier.eval().requires_grad_(False)
+        self.images = data_u8_nchw
+        self.targets = targets.float()
+        self.batch = batch
+        self.precision = precision
+        self.params = list(disc.head.parameters())
+        self.opt = torch.optim.Adam(self.params, lr=3e-4, weight_decay=1e-7)
+        self.scaler = torch.amp.GradScaler('cpu', enabled=False)
+        self.gen = _generator('cpu', 0, 0)
+
+    def run(self, steps):
+        perm = torch.randperm(len(self.images), generator=self.gen)
+        for s in range(steps):
+            idx = perm[s * self.batch:(s + 1) * self.batch]
+            train_step(self.disc, self.opt, self.scaler, self.images[idx], self.targets[idx], None, self.gen,
+                       self.params, False, self.precision)
+
+def timed(fn, steps, repeats):
+    fn(1)  # warm-up
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(steps)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+@click.command()
+@click.option('--batch', type=int, default=32, show_default=True)
+@click.option('--steps', type=int, default=3, show_default=True)
+@click.option('--repeats', type=int, default=3, show_default=True)
+@click.option('--threads', type=int, default=None, help='torch threads  [default: torch default]')
+def main(batch, steps, repeats, threads):
+    if threads:
+        torch.set_num_threads(threads)
+    n = batch * (steps + 1) * 2
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+    targets = torch.from_numpy((np.arange(n) % 2).astype(np.float32))
+    print(f'Discriminator training, 32x32 ADM classifier + released head layout, batch {batch}, {steps} steps, '
+          f'median of {repeats}, {torch.get_num_threads()} threads')
+    results = {}
+    original = adm._attention
+    try:
+        adm._attention = einsum_attention
+        results['release-style'] = timed(ReleaseStyle(real_size_disc(), data, targets, batch).run, steps, repeats)
+    finally:
+        adm._attention = original
+    nchw = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
+    results['edm-dg fp32'] = timed(Ours(real_size_disc(), nchw, targets, batch, 'fp32').run, steps, repeats)
+    results['edm-dg bf16'] = timed(Ours(real_size_disc(), nchw, targets, batch, 'bf16').run, steps, repeats)
+    base = results['release-style']
+    print(f'{"loop":<16}{"images/s":>10}{"vs release":>12}')
+    for k, v in results.items():
+        print(f'{k:<16}{batch * steps / v:>10.2f}{base / v:>11.2f}x')
+
+if __name__ == '__main__':
+    main()
