@@ -146,46 +146,91 @@ def _label_map(dataset_json_text, source):
         return None
     return {fname.replace('\\', '/'): (int(label) if label is not None else None) for fname, label in labels}
 
-def load_image_set(path, max_images=None):
-    """Load images as a uint8 tensor [N,C,H,W] and labels (int64 [N] or None).
+class ImageSource:
+    """Images of a folder, EDM dataset zip, .npz file or folder of .npz shards, read lazily by index.
 
-    Accepts an EDM dataset zip or folder (labels from dataset.json), a folder of
-    images (any depth, sorted by path), or a .npz (`arr_0`, or `samples` [+ `label`]),
-    or a folder of .npz shards written by generate_dg.py --npz.
+    Names are sorted as in EDM's ImageFolderDataset, so index subsets match EDM's.
+    Labels come from dataset.json (EDM) or the .npz `label` array.
     """
-    if not os.path.exists(path):
-        raise ValueError(f'{path}: no such file or folder')
-    if path.endswith('.npz') and os.path.isfile(path):
-        return _load_npz([path], max_images)
-    if os.path.isfile(path) and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            names = sorted(n for n in z.namelist() if n.lower().endswith(IMAGE_EXTS))
-            if max_images is not None:
-                names = names[:max_images]
-            labels = _label_map(z.read('dataset.json').decode(), path) if 'dataset.json' in z.namelist() else None
-            images = [read_image(io.BytesIO(z.read(n)), f'{path}:{n}') for n in names]
-        return _stack(images, names, labels, path)
-    if os.path.isdir(path):
-        names = []
-        for root, _dirs, files in os.walk(path):
-            for fn in files:
-                if fn.lower().endswith(IMAGE_EXTS) and not fn.startswith('.tmp-'):
-                    names.append(os.path.relpath(os.path.join(root, fn), path).replace(os.sep, '/'))
-        names.sort()
-        if not names:
-            shards = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.endswith('.npz') and not f.startswith('.tmp-'))
-            if shards:
-                return _load_npz(shards, max_images)
-            raise ValueError(f'{path}: no images (.png/.jpg) or .npz shards found; check the folder')
-        if max_images is not None:
-            names = names[:max_images]
-        labels = None
-        if os.path.isfile(os.path.join(path, 'dataset.json')):
-            with open(os.path.join(path, 'dataset.json')) as f:
-                labels = _label_map(f.read(), path)
-        images = [read_image(os.path.join(path, n)) for n in names]
-        return _stack(images, names, labels, path)
-    raise ValueError(f'{path}: not an image folder, dataset zip or .npz file')
+
+    def __init__(self, path):
+        self.path = path
+        self._zip = None
+        self._arrays = None
+        self.label_map = None
+        if not os.path.exists(path):
+            raise ValueError(f'{path}: no such file or folder')
+        if os.path.isfile(path) and path.endswith('.npz'):
+            self._load_npz([path])
+        elif os.path.isfile(path) and zipfile.is_zipfile(path):
+            self._zip = zipfile.ZipFile(path)
+            self.names = sorted(n for n in self._zip.namelist() if n.lower().endswith(IMAGE_EXTS))
+            if 'dataset.json' in self._zip.namelist():
+                self.label_map = _label_map(self._zip.read('dataset.json').decode(), path)
+        elif os.path.isdir(path):
+            self.names = sorted(os.path.relpath(os.path.join(root, fn), path).replace(os.sep, '/')
+                                for root, _dirs, files in os.walk(path) for fn in files
+                                if fn.lower().endswith(IMAGE_EXTS) and not fn.startswith('.tmp-'))
+            if not self.names:
+                shards = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.endswith('.npz') and not f.startswith('.tmp-'))
+                if not shards:
+                    raise ValueError(f'{path}: no images (.png/.jpg) or .npz shards found; check the folder')
+                self._load_npz(shards)
+            elif os.path.isfile(os.path.join(path, 'dataset.json')):
+                with open(os.path.join(path, 'dataset.json')) as f:
+                    self.label_map = _label_map(f.read(), path)
+        else:
+            raise ValueError(f'{path}: not an image folder, dataset zip or .npz file')
+        if len(self) == 0:
+            raise ValueError(f'{path}: no images found')
+
+    def _load_npz(self, paths):
+        self._arrays = _load_npz(paths, None)
+        self.names = [f'{i:08d}' for i in range(len(self._arrays[0]))]
+
+    def __len__(self):
+        return len(self.names)
+
+    def read(self, i):
+        """HWC uint8 numpy image i."""
+        if self._arrays is not None:
+            return self._arrays[0][i].permute(1, 2, 0).numpy()
+        if self._zip is not None:
+            return read_image(io.BytesIO(self._zip.read(self.names[i])), f'{self.path}:{self.names[i]}')
+        return read_image(os.path.join(self.path, self.names[i]))
+
+    def images(self, indices):
+        """uint8 tensor [N,C,H,W] of the given indices; ValueError if shapes differ."""
+        if self._arrays is not None:
+            return self._arrays[0][torch.as_tensor(indices, dtype=torch.long)]
+        return _stack([self.read(i) for i in indices], None, None, self.path)[0]
+
+    def labels(self, indices=None):
+        """int64 labels or None when the source has none."""
+        indices = range(len(self)) if indices is None else indices
+        if self._arrays is not None:
+            y = self._arrays[1]
+            return None if y is None else y[torch.as_tensor(list(indices), dtype=torch.long)]
+        if self.label_map is None:
+            return None
+        missing = [self.names[i] for i in indices if self.label_map.get(self.names[i]) is None]
+        if missing:
+            raise ValueError(f'{self.path}: dataset.json has no label for {missing[0]} (and {len(missing) - 1} more)')
+        return torch.tensor([self.label_map[self.names[i]] for i in indices], dtype=torch.int64)
+
+def subset_indices(n, num=None, seed=0):
+    """EDM's seeded subset: shuffle with RandomState(seed), keep `num`, sort."""
+    idx = np.arange(n)
+    if num is not None and n > num:
+        np.random.RandomState(seed % (1 << 31)).shuffle(idx)
+        idx = np.sort(idx[:num])
+    return idx
+
+def load_image_set(path, max_images=None):
+    """All images of a source as uint8 [N,C,H,W] plus int64 labels (or None); see ImageSource."""
+    src = ImageSource(path)
+    idx = list(range(len(src) if max_images is None else min(len(src), max_images)))
+    return src.images(idx), src.labels(idx)
 
 def _stack(images, names, label_map, source):
     if not images:
@@ -193,14 +238,7 @@ def _stack(images, names, label_map, source):
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise ValueError(f'{source}: images have different shapes {sorted(shapes)[:3]}; all must share one resolution and channel count')
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    labels = None
-    if label_map is not None:
-        missing = [n for n in names if label_map.get(n) is None]
-        if missing:
-            raise ValueError(f'{source}: dataset.json has no label for {missing[0]} (and {len(missing) - 1} more)')
-        labels = torch.tensor([label_map[n] for n in names], dtype=torch.int64)
-    return x, labels
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), None
 
 def _load_npz(paths, max_images):
     xs, ys = [], []
