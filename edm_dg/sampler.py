@@ -25,20 +25,22 @@ def step_schedule(num_steps, sigma_min, sigma_max, rho, round_sigma, device=None
     t_steps = (sigma_max ** (1 / rho) + step_indices / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return torch.cat([round_sigma(t_steps), torch.zeros_like(t_steps[:1])])
 
-def dg_correction(discriminator, x, sigma, class_labels=None):
+def dg_correction(discriminator, x, sigma, class_labels=None, create_graph=False):
     """DG correction `-(sigma^2 mean) grad_{x_vp} log_ratio` (float32) and `log_ratio` [N].
 
     x is in EDM's unscaled space (any float dtype) and sigma a scalar or [N]
     tensor; the discriminator sees `x_vp = mean(tau) x` at VP time tau.
+    create_graph keeps the result differentiable in x (for NLL's divergence).
     """
     sigma = torch.as_tensor(sigma, device=x.device).to(torch.float64).reshape(-1).expand(x.shape[0])
     mean, tau = vp.sigma_to_vp(sigma)
     with torch.enable_grad():
-        x_vp = (mean.reshape(-1, 1, 1, 1) * x).float().detach().requires_grad_(True)
+        x_vp = (mean.reshape(-1, 1, 1, 1) * x).float()
+        x_vp = x_vp if create_graph else x_vp.detach().requires_grad_(True)
         d = discriminator(x_vp, tau, class_labels).reshape(-1)
         d = d.float().clip(1e-5, 1 - 1e-5)
         log_ratio = torch.log(d / (1 - d))
-        grad, = torch.autograd.grad(log_ratio.sum(), x_vp)
+        grad, = torch.autograd.grad(log_ratio.sum(), x_vp, create_graph=create_graph)
     scale = (sigma ** 2 * mean).to(torch.float32).reshape(-1, 1, 1, 1)
     return -scale * grad, log_ratio.detach()
 

@@ -169,3 +169,34 @@ def test_stats_cli(tmp_path):
     assert r['a']['n'] == 6 and r['one_sample']['t'] < -10
     (tmp_path / 'bad.csv').write_text('fid\nabc\n')
     assert_one_line_error(py('stats.py', f'--a={tmp_path / "bad.csv"}'), 'bad.csv')
+
+#----------------------------------------------------------------------------
+
+def test_fid_epochs_and_sweep(fid_data, tmp_path, tiny_files):
+    """FID over two checkpoints and a resumable 2+1-point sweep, through fid.py."""
+    import shutil
+    from edm_dg.sweep import read_csv
+    d = fid_data
+    run = tmp_path / 'run'
+    run.mkdir()
+    shutil.copy(tiny_files['disc'], run / 'disc-0001.pt')
+    shutil.copy(tiny_files['disc'], run / 'disc-0002.pt')
+    p = py('fid.py', 'ref', f'--data={d / "real"}', f'--dest={tmp_path / "ref.npz"}', f'--detector={d / "tiny.pt"}')
+    assert p.returncode == 0, p.stderr
+    common = [f'--network={tiny_files["net"]}', f'--classifier={tiny_files["classifier"]}', f'--ref={tmp_path / "ref.npz"}',
+              '--seeds=0-5', '--steps=3', f'--detector={d / "tiny.pt"}']
+    p = py('fid.py', 'epochs', f'--run={run}', f'--outdir={tmp_path / "ep"}', *common)
+    assert p.returncode == 0, p.stderr
+    rows = read_csv(str(tmp_path / 'ep' / 'fid_epochs.csv'))
+    assert [int(r['epoch']) for r in rows] == [1, 2] and rows[0]['fid'] == rows[1]['fid']  # same weights, same seeds
+    assert os.path.isfile(tmp_path / 'ep' / 'fid_epochs.png') and 'Best epoch' in p.stdout
+    args = ['fid.py', 'sweep', f'--disc={tiny_files["disc"]}', '--param=dg_weight_1st_order', '--values=0,4',
+            f'--outdir={tmp_path / "sw"}', *common]
+    p = py(*args)
+    assert p.returncode == 0, p.stderr
+    rows = read_csv(str(tmp_path / 'sw' / 'sweep_dg_weight_1st_order.csv'))
+    assert [r['value'] for r in rows] == ['0', '4'] and rows[0]['fid'] != rows[1]['fid']
+    p = py(*args, '--refine=1')  # resumes: only the refinement point is new
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count('FID ') == 2  # one new point + the best line
+    assert len(read_csv(str(tmp_path / 'sw' / 'sweep_dg_weight_1st_order.csv'))) == 3
