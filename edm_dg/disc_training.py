@@ -152,6 +152,9 @@ def train(outdir, real, fake, classifier_path, *, epochs=60, batch=128, lr=3e-4,
     if batch % world:
         raise ValueError(f'--batch={batch} must be divisible by the number of processes ({world})')
     os.makedirs(outdir, exist_ok=True)
+    if rank == 0:
+        dgio.remove_stale_temps(outdir)  # From a killed run.
+    dist.barrier()
     state_path = os.path.join(outdir, STATE_FILE)
     if os.path.isfile(state_path) and not resume:
         raise ValueError(f'{outdir}: already holds a training run; pass --resume to continue it or choose another --outdir')

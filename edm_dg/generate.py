@@ -69,6 +69,9 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
     rank, world_size = dist.get_rank(), dist.get_world_size()
     net_shape = [net.img_channels, net.img_resolution, net.img_resolution]
     batches = rank_batches(seeds, max_batch_size, rank, world_size)
+    if rank == 0 and os.path.isdir(outdir):
+        dgio.remove_stale_temps(outdir)  # From a killed run; no rank writes before the barrier.
+    dist.barrier()
     generated, skipped, nonfinite, labels = 0, 0, [], {}
     start = time.time()
     bar = tqdm.tqdm(batches, unit='batch', disable=(not progress) or rank != 0, desc='generate', dynamic_ncols=True)

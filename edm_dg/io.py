@@ -36,6 +36,17 @@ def atomic_open(path, mode='wb'):
             os.remove(tmp)
         raise
 
+def remove_stale_temps(folder):
+    """Delete temp files a killed writer left behind (call while no writer runs); returns their count."""
+    n = 0
+    for root, _dirs, files in os.walk(folder):
+        for fn in files:
+            if fn.startswith('.tmp-'):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(root, fn))
+                    n += 1
+    return n
+
 def atomic_torch_save(obj, path):
     with atomic_open(path) as f:
         torch.save(obj, f)

@@ -86,7 +86,10 @@ class Detector:
             x = x.repeat(1, 3, 1, 1)
         if self.kind == 'nvidia':
             return self.net(x, return_features=True).to(torch.float64)
-        x = nv_resize(x.to(torch.float32))
+        size = int(getattr(self.net, 'input_size', 299))  # A small TorchScript detector may declare its own size.
+        x = x.to(torch.float32)
+        if x.shape[2] != size or x.shape[3] != size:
+            x = nv_resize(x, size)
         return self.net((x - 128) / 128).to(torch.float64)
 
 def offline_detector_path():

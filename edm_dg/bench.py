@@ -1,0 +1,118 @@
+"""Sampling benchmark: plain EDM vs. discriminator-guided, against the arithmetic (FLOP) floor.
+
+Real-size networks with seeded random weights: EDM's CIFAR-10 DDPM++ EDMPrecond
+(55.7 M parameters), the 32x32 ADM classifier and the released head layout.
+Same process, same inputs; warm-up excluded; median of repeats.
+
+    python -m edm_dg.bench --batch=4 --steps=6 [--device=cuda --precision=bf16]
+"""
+
+import json
+import os
+import statistics
+import time
+
+import click
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from training import networks
+from . import vp
+from .adm import EncoderUNet
+from .discriminator import Discriminator, make_head
+from .precision import FastDiscriminator, FastNet, PRECISIONS, set_tf32
+from .sampler import dg_correction, dg_sampler, step_schedule
+
+LAYOUTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests', 'data', 'checkpoint_layouts.json')
+
+def cifar10_ddpmpp(seed=0, label_dim=0):
+    """EDM's CIFAR-10 DDPM++ configuration (train.py --arch=ddpmpp --precond=edm)."""
+    torch.manual_seed(seed)
+    return networks.EDMPrecond(img_resolution=32, img_channels=3, label_dim=label_dim, model_type='SongUNet',
+                               embedding_type='positional', encoder_type='standard', decoder_type='standard',
+                               channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2],
+                               dropout=0.13).eval().requires_grad_(False)
+
+def released_discriminator(seed=0):
+    with open(LAYOUTS) as f:
+        args = json.load(f)['adm_classifier_32x32']['create_classifier_args']
+    torch.manual_seed(seed)
+    cls = EncoderUNet.from_create_classifier_args(**args)
+    head = make_head(cls.feature_channels, cls.feature_resolution)
+    with torch.no_grad():  # Random but non-degenerate: guided-diffusion zero-initialises some output layers.
+        for p in list(cls.parameters()) + list(head.parameters()):
+            if p.ndim > 1 and p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return Discriminator(cls, head).eval().requires_grad_(False)
+
+def count_flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+def flop_floor(net, disc, batch, steps, device, w1=2.0, time_min=0.01, time_max=1.0):
+    """(plain FLOPs, guided FLOPs) of one sampling run, from per-call counts and the step schedule."""
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    sigma = torch.full([batch], 1.0, device=device)
+    f_net = count_flops(lambda: net(x, sigma))
+    f_dg = count_flops(lambda: dg_correction(disc, x.double(), sigma))
+    t = step_schedule(steps, max(0.002, net.sigma_min), min(80, net.sigma_max), 7, net.round_sigma).tolist()
+    nfe = 2 * steps - 1
+    guided_evals = sum(1 for s in t[:-1] if time_min <= vp.sigma_to_tau(torch.tensor(s)).item() <= time_max) if w1 else 0
+    return nfe * f_net, nfe * f_net + guided_evals * f_dg, f_net / batch, f_dg / batch
+
+def time_runs(fn, repeats):
+    fn()  # warm-up (and compilation, when enabled)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+def sync(device):
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize()
+
+@click.command(help=__doc__)
+@click.option('--device', default=None, help='Device  [default: cuda if available]')
+@click.option('--batch', type=click.IntRange(min=1), default=4, show_default=True)
+@click.option('--steps', type=click.IntRange(min=2), default=6, show_default=True)
+@click.option('--repeats', type=click.IntRange(min=1), default=3, show_default=True)
+@click.option('--precision', type=click.Choice(PRECISIONS), default='fp32', show_default=True)
+@click.option('--channels_last', is_flag=True)
+@click.option('--compile', 'compile_nets', is_flag=True)
+@click.option('--w1', type=float, default=2.0, show_default=True)
+def main(device, batch, steps, repeats, precision, channels_last, compile_nets, w1):
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if precision == 'tf32':
+        set_tf32(True)
+    net = cifar10_ddpmpp().to(device)
+    disc = released_discriminator().to(device)
+    fl_plain, fl_guided, f_net, f_dg = flop_floor(net, disc, batch, steps, device, w1)
+    fast = precision != 'fp32' or channels_last or compile_nets
+    run_net = FastNet(net, precision, channels_last, compile_nets) if fast else net
+    run_disc = FastDiscriminator(disc, precision, channels_last, compile_nets) if fast else disc
+    latents = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    def sample(guided):
+        def fn():
+            g = torch.Generator(device).manual_seed(1)
+            with torch.no_grad():
+                dg_sampler(run_net, latents, None, lambda x: torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype),
+                           num_steps=steps, discriminator=run_disc if guided else None, dg_weight_1st_order=w1 if guided else 0)
+            sync(device)
+        return fn
+    t_plain = time_runs(sample(False), repeats)
+    t_guided = time_runs(sample(True), repeats)
+    ratio, floor = t_guided / t_plain, fl_guided / fl_plain
+    print(f'device={device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"}) '
+          f'batch={batch} steps={steps} precision={precision} channels_last={channels_last} compile={compile_nets}')
+    print(f'FLOPs per image: score net {f_net / 1e9:.1f} G per call; DG correction (fwd+bwd) {f_dg / 1e9:.1f} G per call')
+    print(f'{"":<10}{"s/run":>9}{"images/s":>10}')
+    print(f'{"plain":<10}{t_plain:>9.3f}{batch / t_plain:>10.2f}')
+    print(f'{"guided":<10}{t_guided:>9.3f}{batch / t_guided:>10.2f}')
+    print(f'guided/plain time ratio {ratio:.3f}; FLOP floor {floor:.3f}; {100 * (ratio / floor - 1):+.1f}% above the floor')
+    return dict(plain=t_plain, guided=t_guided, ratio=ratio, floor=floor)
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,176 @@
+"""Trust and robustness: safe pickle loading, kill-and-resume, non-finite guard."""
+
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, assert_one_line_error, py, save_edm_pickle, tiny_edm
+from edm_dg import pickles
+from torch_utils import persistence
+
+EVIL_SRC = '''
+import os, torch
+from torch_utils import persistence
+open(os.environ.get("EDM_DG_MARKER", "/nonexistent/marker"), "w").write("pwned")
+@persistence.persistent_class
+class {name}(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.label_dim = 16, 3, 0
+        self.sigma_min, self.sigma_max = 0.002, 80.0
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+'''
+
+class _Evil:
+    def __init__(self, name):
+        self.name = name
+    def __reduce__(self):
+        meta = dict(type='class', version=6, module_src=EVIL_SRC.format(name=self.name), class_name=self.name,
+                    state=dict(training=False, _parameters={}, _buffers={}, _modules={}))
+        return (persistence._reconstruct_persistent_obj, (meta,))
+
+@pytest.mark.parametrize('name', ['Evil', 'EDMPrecond'])
+def test_crafted_pickle_never_runs_by_default(tmp_path, name, tiny_files):
+    marker = tmp_path / 'marker'
+    path = tmp_path / 'evil.pkl'
+    path.write_bytes(pickle.dumps(dict(ema=_Evil(name))))
+    env = {'EDM_DG_MARKER': str(marker)}
+    p = py('generate_dg.py', f'--network={path}', f'--outdir={tmp_path / "o"}', '--seeds=0', '--steps=2', env=env)
+    line = assert_one_line_error(p, 'evil.pkl')
+    assert not marker.exists()  # the embedded source never ran
+    if name == 'Evil':
+        assert 'class "Evil" is not a known EDM class' in line and '--trust_pickle' in line
+    # With --trust_pickle the file is EDM's business: its code runs (this test says so by the marker).
+    p = py('generate_dg.py', f'--network={path}', f'--outdir={tmp_path / "o2"}', '--seeds=0', '--steps=2', '--trust_pickle', env=env)
+    assert marker.exists() and marker.read_text() == 'pwned'
+
+def test_real_format_pickle_loads_safely_and_matches_trusted(tmp_path, ref):
+    """A pickle written by the persistence mechanism from this project's networks: safe == trusted outputs."""
+    e = ref['edm_net']
+    from training import networks
+    net = networks.EDMPrecond(**e['init_kwargs']).eval()
+    net.load_state_dict(e['state_dict'])
+    path = save_edm_pickle(net, str(tmp_path / 'net.pkl'))
+    safe = pickles.load_network_pickle(path)
+    trusted = pickles.load_network_pickle(path, trust_pickle=True)
+    with torch.no_grad():
+        a = safe(e['x'], e['sigma'], e['class_labels'])
+        b = trusted(e['x'], e['sigma'], e['class_labels'])
+    assert torch.equal(a, b) and (a - e['denoised']).abs().max() < 1e-5
+
+def test_safe_loader_refuses_other_globals(tmp_path):
+    path = tmp_path / 'os.pkl'
+    path.write_bytes(pickle.dumps(dict(ema=os.system)))  # a global outside the allow-list
+    with pytest.raises(ValueError, match='"posix.system" is not allowed.*--trust_pickle'):
+        pickles.load_network_pickle(str(path))
+
+#----------------------------------------------------------------------------
+# Kill at a random moment, rerun, compare with an uninterrupted run.
+
+def _spawn(args, env=None):
+    full = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1', **(env or {}))
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full, cwd=ROOT, start_new_session=True)
+
+def _kill_after(proc, delay):
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+def _pngs(folder):
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            with open(os.path.join(root, f), 'rb') as fh:
+                out[os.path.relpath(os.path.join(root, f), folder)] = fh.read()
+    return out
+
+@pytest.fixture(scope='module')
+def gen_ref(tmp_path_factory):
+    d = tmp_path_factory.mktemp('kill')
+    net = save_edm_pickle(tiny_edm(), str(d / 'net.pkl'))
+    args = [f'--network={net}', '--seeds=0-23', '--steps=6', '--batch=2']
+    p = py('generate_dg.py', *args, f'--outdir={d / "ref"}')
+    assert p.returncode == 0, p.stderr
+    return d, args, {k: v for k, v in _pngs(d / 'ref').items() if k.endswith('.png')}
+
+@pytest.mark.parametrize('nproc', [1, 2])
+def test_generation_killed_and_resumed(gen_ref, nproc):
+    d, args, ref = gen_ref
+    rng = random.Random(1234 + nproc)
+    for trial in range(2):
+        out = d / f'kill{nproc}-{trial}'
+        launcher = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+        cmd = launcher + [os.path.join(ROOT, 'generate_dg.py'), *args, f'--outdir={out}']
+        _kill_after(_spawn(cmd), rng.uniform(2.0, 6.0 if nproc == 1 else 9.0))
+        before = {k for k in _pngs(out) if k.endswith('.png')} if out.exists() else set()
+        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1'), cwd=ROOT, timeout=600)
+        assert p.returncode == 0, p.stderr
+        files = _pngs(out)
+        assert {k: v for k, v in files.items() if k.endswith('.png')} == ref  # the full set, byte-identical
+        assert not [k for k in files if '.tmp-' in k]  # no half-written leftovers
+        generated = int(p.stdout.split(' generated')[0].split()[-1])
+        assert generated == len(ref) - len(before)  # nothing generated twice
+
+def test_training_killed_and_resumed(tmp_path):
+    from test_train_disc import sharp_and_blurred, write_set
+    from conftest import tiny_classifier
+    real, fake = sharp_and_blurred(96, 0)
+    write_set(str(tmp_path / 'real'), real)
+    write_set(str(tmp_path / 'fake'), fake)
+    torch.save(tiny_classifier().state_dict(), tmp_path / 'cls.pt')
+    args = [f'--real={tmp_path / "real"}', f'--fake={tmp_path / "fake"}', f'--classifier={tmp_path / "cls.pt"}',
+            '--epochs=4', '--batch=16', '--head_width=64', '--head_depth=1', '--lora_rank=1']
+    p = py('train_disc.py', *args, f'--outdir={tmp_path / "ref"}')
+    assert p.returncode == 0, p.stderr
+    ref = torch.load(tmp_path / 'ref' / 'disc-0004.pt', weights_only=True)
+    rng = random.Random(99)
+    for trial in range(2):
+        out = tmp_path / f'k{trial}'
+        cmd = [sys.executable, os.path.join(ROOT, 'train_disc.py'), *args, f'--outdir={out}', '--resume']
+        _kill_after(_spawn(cmd), rng.uniform(3.0, 8.0))
+        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1'), cwd=ROOT, timeout=600)
+        assert p.returncode == 0, p.stderr
+        got = torch.load(out / 'disc-0004.pt', weights_only=True)
+        assert all(torch.equal(ref['head'][k], got['head'][k]) for k in ref['head'])
+        assert all(torch.equal(ref['lora'][k], got['lora'][k]) for k in ref['lora'])
+        assert not [f for f in os.listdir(out) if f.startswith('.tmp-')]
+
+#----------------------------------------------------------------------------
+
+class NaNForSomeSeeds(torch.nn.Module):
+    """Wraps a net and poisons images whose latent mean is positive."""
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        for k in ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max'):
+            setattr(self, k, getattr(net, k))
+    def round_sigma(self, s):
+        return self.net.round_sigma(s)
+    def forward(self, x, sigma, labels=None):
+        out = self.net(x, sigma, labels)
+        bad = (x.flatten(1).mean(1) > 0).reshape(-1, 1, 1, 1)
+        return torch.where(bad, torch.full_like(out, float('nan')), out)
+
+def test_nonfinite_images_reported_by_seed_not_written(tmp_path):
+    from edm_dg.generate import draw_inputs, generate
+    net = NaNForSomeSeeds(tiny_edm())
+    seeds = list(range(8))
+    lat, _, _ = draw_inputs([3, 16, 16], 0, seeds, 'cpu')
+    expected_bad = [s for s, l in zip(seeds, lat) if l.mean() * 80 > 0]
+    assert 0 < len(expected_bad) < len(seeds)
+    with torch.no_grad():
+        stats = generate(net, str(tmp_path), seeds, device='cpu', max_batch_size=3, sampler_kwargs=dict(num_steps=3), progress=False)
+    assert sorted(stats['nonfinite']) == expected_bad
+    written = sorted(int(f[:6]) for f in os.listdir(tmp_path) if f.endswith('.png'))
+    assert written == [s for s in seeds if s not in expected_bad]
