@@ -78,6 +78,9 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, disc_pa
 def run(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, disc_path, classifier_path, dg_weight_1st_order,
         npz, resume, device, precision, disc_precision, channels_last, compile_nets, trust_pickle, sampler_kwargs):
     seeds = dgio.parse_seeds(seeds)
+    for name, value in list(sampler_kwargs.items()) + [('dg_weight_1st_order', dg_weight_1st_order)]:
+        if isinstance(value, float) and (value != value or (value in (float('inf'), float('-inf')) and name != 'S_max')):
+            raise ValueError(f'--{name}={value} is not a finite number')
     if device is None:
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     dist.init(torch.device(device).type)

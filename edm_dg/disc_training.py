@@ -149,6 +149,9 @@ def train(outdir, real, fake, classifier_path, *, epochs=60, batch=128, lr=3e-4,
     """
     device = torch.device(device)
     rank, world = dist.get_rank(), dist.get_world_size()
+    for name, value in (('lr', lr), ('weight_decay', weight_decay), ('lora_alpha', lora_alpha)):
+        if not np.isfinite(value):
+            raise ValueError(f'--{name}={value} is not a finite number')
     if batch % world:
         raise ValueError(f'--batch={batch} must be divisible by the number of processes ({world})')
     os.makedirs(outdir, exist_ok=True)

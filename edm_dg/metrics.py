@@ -167,11 +167,16 @@ def load_ref(path_or_url):
     try:
         with dnnlib.util.open_url(path_or_url, verbose=(dist.get_rank() == 0)) as f:
             ref = dict(np.load(f))
-    except (OSError, ValueError) as e:
+    except Exception as e:  # OSError, ValueError, zipfile.BadZipFile, EOFError, ...
         raise ValueError(f'{path_or_url}: cannot read reference statistics ({str(e)[:80]}); pass an EDM reference .npz') from None
     if 'mu' not in ref or 'sigma' not in ref:
         raise ValueError(f'{path_or_url}: reference .npz needs arrays "mu" and "sigma" (found {sorted(ref)}); create one with fid.py ref')
-    return ref['mu'], ref['sigma']
+    mu, sigma = ref['mu'], ref['sigma']
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f'{path_or_url}: "mu" {list(mu.shape)} and "sigma" {list(sigma.shape)} do not form a mean and covariance')
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f'{path_or_url}: reference statistics contain non-finite values; recreate them with fid.py ref')
+    return mu, sigma
 
 def save_ref(path, mu, sigma):
     with dgio.atomic_open(path) as f:
