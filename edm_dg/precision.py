@@ -6,6 +6,7 @@ float32, so the sampler's float64 arithmetic is unchanged.
 """
 
 import contextlib
+import copy
 import warnings
 
 import torch
@@ -38,29 +39,35 @@ def maybe_compile(module, enabled, log=print):
         log(f'torch.compile unavailable ({type(e).__name__}: {str(e)[:80]}); running eagerly')
         return module
 
-class FastNet(torch.nn.Module):
-    """An EDM network run under autocast / channels_last / compile, returning float32."""
+class _AutocastModel(torch.nn.Module):
+    """An EDM backbone (SongUNet/DhariwalUNet) run under autocast, returning its input's dtype.
 
-    def __init__(self, net, precision='fp32', channels_last=False, compile=False, log=print):
+    EDM's preconditioners assert that the backbone returns the dtype they asked
+    for, so the cast back happens inside, before the preconditioner sees it.
+    """
+
+    def __init__(self, model, precision, channels_last):
         super().__init__()
-        self.net = net
+        self.model = model
         self.precision = precision
         self.channels_last = channels_last
-        autocast_dtype(precision)
-        if channels_last:
-            net.to(memory_format=torch.channels_last)
-        self._call = maybe_compile(net, compile, log)
-        for name in ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max'):
-            setattr(self, name, getattr(net, name))
 
-    def round_sigma(self, sigma, **kwargs):
-        return self.net.round_sigma(sigma, **kwargs)
-
-    def forward(self, x, sigma, class_labels=None, **kwargs):
+    def forward(self, x, noise_labels, class_labels=None, **kwargs):
         if self.channels_last:
-            x = x.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(x.device.type, self.precision):
-            return self._call(x, sigma, class_labels, **kwargs).float()
+            return self.model(x, noise_labels, class_labels, **kwargs).to(x.dtype)
+
+def FastNet(net, precision='fp32', channels_last=False, compile=False, log=print):
+    """A shallow copy of an EDM preconditioned network whose backbone runs under autocast /
+    channels_last / torch.compile. Parameters are shared with `net`; `net` itself is unchanged."""
+    autocast_dtype(precision)
+    if channels_last:
+        net.model.to(memory_format=torch.channels_last)
+    fast = copy.copy(net)
+    fast._modules = dict(net._modules)
+    fast._modules['model'] = maybe_compile(_AutocastModel(net.model, precision, channels_last), compile, log)
+    return fast
 
 class FastDiscriminator(torch.nn.Module):
     """A discriminator callable run under autocast / channels_last / compile, returning float32."""

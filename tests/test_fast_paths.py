@@ -1,0 +1,88 @@
+"""GPU fast paths, checked for correctness on CPU: autocast precisions, channels_last, compile fallback."""
+
+import pytest
+import torch
+
+from conftest import tiny_classifier, tiny_discriminator, tiny_edm
+from edm_dg import precision
+from edm_dg.generate import draw_inputs
+from edm_dg.precision import FastDiscriminator, FastNet
+from edm_dg.sampler import dg_correction, dg_sampler
+
+def run(net, disc, w, seeds=range(6), steps=8):
+    lat, y, rnd = draw_inputs([3, 16, 16], 0, list(seeds), 'cpu')
+    return dg_sampler(net, lat, None, rnd.randn_like, num_steps=steps, discriminator=disc, dg_weight_1st_order=w)
+
+@pytest.fixture(scope='module')
+def nets():
+    net = tiny_edm()
+    disc = tiny_discriminator(tiny_classifier())
+    return net, disc
+
+def test_bf16_quality_guard(nets):
+    """bf16 changes images by < 0.05 (on [-1,1]) and far less than guidance itself changes them."""
+    net, disc = nets
+    w = 4.0
+    with torch.no_grad():
+        ref_plain = run(net, disc, 0.0)
+        ref_dg = run(net, disc, w)
+        fast_dg = run(FastNet(net, 'bf16'), FastDiscriminator(disc, 'bf16'), w)
+    precision_err = (fast_dg - ref_dg).abs().max().item()
+    guidance_effect = (ref_dg - ref_plain).abs().max().item()
+    assert torch.isfinite(fast_dg).all()
+    assert precision_err < 0.05, precision_err
+    assert precision_err < 0.25 * guidance_effect, (precision_err, guidance_effect)
+
+@pytest.mark.parametrize('prec', ['bf16', 'fp16'])
+def test_guidance_gradient_finite_in_low_precision(nets, prec):
+    _, disc = nets
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64) * 5
+    for sigma in (0.01, 1.0, 80.0):
+        corr, lr = dg_correction(FastDiscriminator(disc, prec), x, torch.full([4], sigma))
+        assert corr.dtype == torch.float32 and torch.isfinite(corr).all() and torch.isfinite(lr).all()
+        ref, _ = dg_correction(disc, x, torch.full([4], sigma))
+        assert (corr - ref).abs().max() <= 0.1 * ref.abs().max() + 1e-6
+
+def test_channels_last_matches(nets):
+    net, disc = nets
+    with torch.no_grad():
+        a = run(net, disc, 2.0, steps=4)
+        b = run(FastNet(net, 'fp32', channels_last=True), FastDiscriminator(disc, 'fp32', channels_last=True), 2.0, steps=4)
+    net.to(memory_format=torch.contiguous_format)
+    disc.to(memory_format=torch.contiguous_format)
+    assert (a - b).abs().max() < 1e-4
+
+def test_compile_path_and_fallback(nets, monkeypatch):
+    net, disc = nets
+    calls = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda m, **k: calls.append(m) or real_compile(m, backend='eager'))
+    with torch.no_grad():
+        a = run(net, disc, 2.0, seeds=[0, 1], steps=3)
+        b = run(FastNet(net, compile=True), FastDiscriminator(disc, compile=True), 2.0, seeds=[0, 1], steps=3)
+    assert len(calls) == 2 and torch.allclose(a, b, atol=1e-5)
+    def broken(m, **k):
+        raise RuntimeError('no compiler')
+    monkeypatch.setattr(torch, 'compile', broken)
+    msgs = []
+    fast = FastNet(net, compile=True, log=msgs.append)
+    assert type(fast.model).__name__ == '_AutocastModel' and 'running eagerly' in msgs[0]
+    assert type(net.model).__name__ == 'SongUNet'  # the original network is untouched
+
+def test_precision_names():
+    with pytest.raises(ValueError, match='precision'):
+        precision.autocast_dtype('fp8')
+
+def test_guidance_skipped_outside_window(nets, monkeypatch):
+    """Outside [time_min, time_max] the classifier is not called at all (host-side decision)."""
+    net, disc = nets
+    calls = []
+    class Counting(torch.nn.Module):
+        def forward(self, x, t, y=None):
+            calls.append(t.min().item())
+            return disc(x, t, y)
+    lat, _, rnd = draw_inputs([3, 16, 16], 0, [0, 1], 'cpu')
+    with torch.no_grad():
+        dg_sampler(net, lat, None, rnd.randn_like, num_steps=10, discriminator=Counting(), dg_weight_1st_order=1.0,
+                   time_min=0.2, time_max=0.5)
+    assert 0 < len(calls) < 10 and all(0.2 <= t <= 0.5 for t in calls)
