@@ -102,8 +102,8 @@ def fid_of(images_dir, ref, detector, num):
 @click.option('--num', 'num', type=click.IntRange(min=8), default=2000, show_default=True, help='Samples per seed set')
 @click.option('--sets', type=click.IntRange(min=2), default=3, show_default=True, help='Seed sets (paired plain vs. DG)')
 @click.option('--w', 'w', type=float, default=0.5, show_default=True, help='DG weight (dg_weight_1st_order)')
-@click.option('--epochs', type=click.IntRange(min=1), default=4, show_default=True, help='Discriminator epochs')
-@click.option('--steps', type=click.IntRange(min=2), default=18, show_default=True, help='Sampler steps')
+@click.option('--epochs', type=click.IntRange(min=1), default=8, show_default=True, help='Discriminator epochs')
+@click.option('--steps', type=click.IntRange(min=2), default=5, show_default=True, help='Sampler steps (few: the base model\'s errors are then large enough for a discriminator to learn within the budget)')
 def main(outdir, from_scratch, toy, num, sets, w, epochs, steps):
     t_start = time.time()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
@@ -133,7 +133,7 @@ def main(outdir, from_scratch, toy, num, sets, w, epochs, steps):
     disc_run = os.path.join(outdir, 'disc')
     st.run('train_disc.py: discriminator on real vs. plain samples', lambda: cli(
         script('train_disc.py'), f'--real={data}', f'--fake={fake}', f'--classifier={cls}', f'--outdir={disc_run}',
-        f'--epochs={epochs}', '--batch=128' if not toy else '--batch=16', '--resume'))
+        f'--epochs={epochs}', '--batch=128' if not toy else '--batch=16', '--lr=1e-3', '--head_width=64', '--head_depth=1', '--resume'))
     last = os.path.join(disc_run, f'disc-{epochs:04d}.pt')
 
     results = []
@@ -150,7 +150,7 @@ def main(outdir, from_scratch, toy, num, sets, w, epochs, steps):
     ep_dir = os.path.join(outdir, 'fid-epochs')
     st.run('fid.py epochs: FID of DG samples per discriminator epoch', lambda: cli(
         script('fid.py'), 'epochs', f'--run={disc_run}', f'--network={net}', f'--classifier={cls}', f'--ref={ref}',
-        f'--outdir={ep_dir}', f'--seeds=1-{num}', f'--steps={steps}', f'--dg_weight_1st_order={w}', '--batch=256', f'--detector={det}'))
+        f'--outdir={ep_dir}', f'--seeds=1-{max(num // 2, 8)}', f'--steps={steps}', f'--dg_weight_1st_order={w}', '--batch=256', f'--detector={det}'))
 
     def write_stats():
         for key in ('plain', 'dg'):

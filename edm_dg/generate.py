@@ -76,6 +76,8 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
     start = time.time()
     bar = tqdm.tqdm(batches, unit='batch', disable=(not progress) or rank != 0, desc='generate', dynamic_ncols=True)
     for batch in bar:
+        if not batch:  # More ranks than batches of seeds.
+            continue
         relpaths = {s: dgio.image_relpath(s, subdirs) for s in batch}
         _, y, _ = draw_inputs(net_shape, net.label_dim, batch, device, class_idx)
         labels.update(_label_entries(batch, relpaths, y))

@@ -134,3 +134,14 @@ def test_bad_inputs(tmp_path, tiny_files):
         (tmp_path / 'afile').write_text('x')
     assert_one_line_error(py('generate_dg.py', f'--network={net}', f'--outdir={ro}', *dg), 'not writable')
     assert not os.path.exists(out) or not listing(out)
+
+@pytest.mark.parametrize('n,batch,world', [(1, 4, 2), (7, 3, 2), (100, 8, 3), (50000, 500, 8), (13, 64, 4)])
+def test_seed_split_is_balanced(n, batch, world):
+    """EDM's split: every rank gets the same number of batches, sizes differ by at most one image."""
+    from edm_dg.generate import rank_batches
+    seeds = list(range(n))
+    per_rank = [rank_batches(seeds, batch, r, world) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1
+    sizes = [len(x) for b in per_rank for x in b]
+    assert max(sizes) <= batch and max(sizes) - min(sizes) <= 1
+    assert sorted(s for b in per_rank for x in b for s in x) == seeds
