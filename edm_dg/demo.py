@@ -167,11 +167,17 @@ def main(outdir, from_scratch, toy, num, sets, w, epochs, steps):
         s = json.load(f)
     total = time.time() - t_start
     write_report(outdir, results, s, st.times, total, w, num, epochs, steps, from_scratch, det)
-    d = s['b']['mean'] - s['a']['mean']
-    verdict = 'improves' if d > 0 and s['paired']['p'] < 0.05 else 'does not clearly improve'
     print(f'\nDemo done in {total:.0f}s: FID plain {s["b"]["mean"]:.3f} +- {s["b"]["std"]:.3f}, DG {s["a"]["mean"]:.3f} +- '
-          f'{s["a"]["std"]:.3f} over {len(results)} seed sets (paired p={s["paired"]["p"]:.3g}): guidance {verdict} FID. '
+          f'{s["a"]["std"]:.3f} over {len(results)} seed sets (paired p={s["paired"]["p"]:.3g}): {verdict(s)}. '
           f'Report: {os.path.join(outdir, "report.md")}')
+
+def verdict(s):
+    """Plain-language result of the paired comparison (a = DG, b = plain)."""
+    if s['paired']['p'] >= 0.05:
+        return 'guidance does not change FID significantly at this budget'
+    if s['a']['mean'] < s['b']['mean']:
+        return 'guidance lowers FID consistently at this budget'
+    return 'guidance raises (worsens) FID consistently at this budget'
 
 def write_report(outdir, results, s, times, total, w, num, epochs, steps, from_scratch, det):
     metrics_path = os.path.join(outdir, 'disc', 'metrics.jsonl')
@@ -190,9 +196,7 @@ def write_report(outdir, results, s, times, total, w, num, epochs, steps, from_s
               f'{100 * (s["a"]["mean"] / s["b"]["mean"] - 1):+.1f}% |', '',
               f'Paired t-test (DG vs. plain over seed sets): t = {s["paired"]["t"]:.3f}, p = {s["paired"]["p"]:.3g}; '
               f'Welch: p = {s["welch"]["p"]:.3g} (stats.py).', '']
-    better = s['a']['mean'] < s['b']['mean'] and s['paired']['p'] < 0.05
-    lines += ['**Verdict:** ' + ('guidance lowers FID consistently at this budget.' if better else
-              'at this budget guidance does not give a statistically clear FID improvement; the numbers are reported as measured.'), '',
+    lines += [f'**Verdict:** {verdict(s)} (paired t-test over seed sets, 5% level); the numbers are reported as measured.', '',
               '**FID features.** FID uses the 128-d pooled features of a separately trained plain CNN digit classifier '
               f'(`{os.path.basename(det)}`: no noise conditioning, no attention, trained on clean digits), not the '
               'discriminator\'s ADM features, so the discriminator cannot tune itself to the metric. Inception at 299x299 '
