@@ -14,6 +14,7 @@ Examples:
 
 import os
 import sys
+import tempfile
 
 import click
 import torch
@@ -146,9 +147,9 @@ def run(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, disc_pat
 def _check_writable(outdir):
     try:
         os.makedirs(outdir, exist_ok=True)
-        with dgio.atomic_open(os.path.join(outdir, '.write-test')):
-            pass
-        os.remove(os.path.join(outdir, '.write-test'))
+        fd, path = tempfile.mkstemp(dir=outdir, prefix='.tmp-write-test-')  # unique per process
+        os.close(fd)
+        os.remove(path)
     except OSError as e:
         raise ValueError(f'{outdir}: output folder is not writable ({e.strerror or type(e).__name__}); choose another --outdir') from None
 

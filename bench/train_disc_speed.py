@@ -10,7 +10,6 @@ BCELoss.
     python bench/train_disc_speed.py --batch=32 --steps=3
 """
 
-import json
 import math
 import os
 import statistics
@@ -25,19 +24,8 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from edm_dg import adm, vp
-from edm_dg.adm import EncoderUNet
-from edm_dg.discriminator import Discriminator, make_head
+from edm_dg.bench import released_discriminator
 from edm_dg.disc_training import _generator, train_step
-
-LAYOUTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests', 'data', 'checkpoint_layouts.json')
-
-def real_size_disc(seed=0):
-    with open(LAYOUTS) as f:
-        args = json.load(f)['adm_classifier_32x32']['create_classifier_args']
-    torch.manual_seed(seed)
-    cls = EncoderUNet.from_create_classifier_args(**args)
-    head = make_head(cls.feature_channels, cls.feature_resolution)
-    return Discriminator(cls, head)
 
 def einsum_attention(q, k, v):
     """guided-diffusion's QKVAttentionLegacy arithmetic."""
@@ -52,7 +40,7 @@ class ReleaseStyle:
     def __init__(self, disc, data_u8_nhwc, targets, batch):
         self.disc = disc
         self.disc.classifier.train().requires_grad_(True)
-        self.disc.head.train()
+        self.disc.head.train().requires_grad_(True)
         for m in list(disc.classifier.modules()) + list(disc.head.modules()):
             if isinstance(m, adm.AttentionBlock):
                 fwd = m.forward
@@ -86,6 +74,7 @@ class ReleaseStyle:
 class Ours:
     def __init__(self, disc, data_u8_nchw, targets, batch, precision):
         self.disc = disc.train()
+        self.disc.head.requires_grad_(True)
         self.disc.classifier.eval().requires_grad_(False)
         self.images = data_u8_nchw
         self.targets = targets.float()
@@ -130,12 +119,12 @@ def main(batch, steps, repeats, threads):
     original = adm._attention
     try:
         adm._attention = einsum_attention
-        results['release-style'] = timed(ReleaseStyle(real_size_disc(), data, targets, batch).run, steps, repeats)
+        results['release-style'] = timed(ReleaseStyle(released_discriminator(), data, targets, batch).run, steps, repeats)
     finally:
         adm._attention = original
     nchw = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
-    results['edm-dg fp32'] = timed(Ours(real_size_disc(), nchw, targets, batch, 'fp32').run, steps, repeats)
-    results['edm-dg bf16'] = timed(Ours(real_size_disc(), nchw, targets, batch, 'bf16').run, steps, repeats)
+    results['edm-dg fp32'] = timed(Ours(released_discriminator(), nchw, targets, batch, 'fp32').run, steps, repeats)
+    results['edm-dg bf16'] = timed(Ours(released_discriminator(), nchw, targets, batch, 'bf16').run, steps, repeats)
     base = results['release-style']
     print(f'{"loop":<16}{"images/s":>10}{"vs release":>12}')
     for k, v in results.items():

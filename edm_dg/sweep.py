@@ -34,6 +34,16 @@ def write_csv(path, rows, fields):
         w.writeheader()
         w.writerows(rows)
 
+def record(csv_path, rows, row, key, img_dir, keep_images):
+    """Add a finished point: rewrite the CSV sorted by `key` (rank 0), drop its images unless kept."""
+    rows.append(row)
+    rows.sort(key=lambda r: float(r[key]))
+    if dist.get_rank() == 0:
+        write_csv(csv_path, rows, list(row))
+        if not keep_images:
+            shutil.rmtree(img_dir, ignore_errors=True)
+    dist.barrier()
+
 def fid_of_samples(net, outdir, seeds, sampler_kwargs, ref, detector, device, batch, progress=True):
     """Generate `seeds` into outdir (resumable) and return their FID against ref=(mu, sigma)."""
     generate(net, outdir, seeds, device=device, max_batch_size=batch, sampler_kwargs=sampler_kwargs,
@@ -89,13 +99,7 @@ def fid_over_epochs(net, run_dir, classifier_path, seeds, ref, detector, outdir,
         disc = load_discriminator(ckpt, classifier_path, device=device)
         img_dir = os.path.join(outdir, 'images', f'epoch-{epoch:04d}')
         fid = fid_of_samples(net, img_dir, seeds, dict(sampler_kwargs, discriminator=disc), ref, detector, device, batch, progress)
-        rows.append(dict(epoch=epoch, checkpoint=ckpt, fid=f'{fid:.6f}', num=len(seeds)))
-        rows.sort(key=lambda r: int(r['epoch']))
-        if dist.get_rank() == 0:
-            write_csv(csv_path, rows, ['epoch', 'checkpoint', 'fid', 'num'])
-            if not keep_images:
-                shutil.rmtree(img_dir, ignore_errors=True)
-        dist.barrier()
+        record(csv_path, rows, dict(epoch=epoch, checkpoint=ckpt, fid=f'{fid:.6f}', num=len(seeds)), 'epoch', img_dir, keep_images)
         log(f'epoch {epoch}: FID {fid:.4f}')
     best = min(rows, key=lambda r: float(r['fid']))
     if dist.get_rank() == 0:
@@ -128,13 +132,7 @@ def sweep(net, param, values, seeds, ref, detector, outdir, device, sampler_kwar
             kw[param] = int(v) if param in ('num_steps', 'boost_period', 'boost_weight_period') else v
             img_dir = os.path.join(outdir, 'images', f'{param}={v:g}')
             fid = fid_of_samples(net, img_dir, seeds, kw, ref, detector, device, batch, progress)
-            rows.append(dict(param=param, value=f'{v:g}', fid=f'{fid:.6f}', num=len(seeds)))
-            rows.sort(key=lambda r: float(r['value']))
-            if dist.get_rank() == 0:
-                write_csv(csv_path, rows, ['param', 'value', 'fid', 'num'])
-                if not keep_images:
-                    shutil.rmtree(img_dir, ignore_errors=True)
-            dist.barrier()
+            record(csv_path, rows, dict(param=param, value=f'{v:g}', fid=f'{fid:.6f}', num=len(seeds)), 'value', img_dir, keep_images)
             log(f'{param}={v:g}: FID {fid:.4f}')
     run([float(v) for v in values])
     if refine:
