@@ -83,20 +83,22 @@ def sync(device):
 @click.option('--batch', type=click.IntRange(min=1), default=4, show_default=True)
 @click.option('--steps', type=click.IntRange(min=2), default=6, show_default=True)
 @click.option('--repeats', type=click.IntRange(min=1), default=3, show_default=True)
-@click.option('--precision', type=click.Choice(PRECISIONS), default='fp32', show_default=True)
+@click.option('--precision', type=click.Choice(PRECISIONS), default='fp32', show_default=True, help='Score-network precision')
+@click.option('--disc_precision', type=click.Choice(PRECISIONS), default=None, help='Discriminator precision  [default: --precision]')
 @click.option('--channels_last', is_flag=True)
 @click.option('--compile', 'compile_nets', is_flag=True)
 @click.option('--w1', type=float, default=2.0, show_default=True)
-def main(device, batch, steps, repeats, precision, channels_last, compile_nets, w1):
+def main(device, batch, steps, repeats, precision, disc_precision, channels_last, compile_nets, w1):
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    if precision == 'tf32':
+    disc_precision = disc_precision or precision
+    if 'tf32' in (precision, disc_precision):
         set_tf32(True)
     net = cifar10_ddpmpp().to(device)
     disc = released_discriminator().to(device)
     fl_plain, fl_guided, f_net, f_dg = flop_floor(net, disc, batch, steps, device, w1)
-    fast = precision != 'fp32' or channels_last or compile_nets
-    run_net = FastNet(net, precision, channels_last, compile_nets) if fast else net
-    run_disc = FastDiscriminator(disc, precision, channels_last, compile_nets) if fast else disc
+    fast = channels_last or compile_nets
+    run_net = FastNet(net, precision, channels_last, compile_nets) if fast or precision != 'fp32' else net
+    run_disc = FastDiscriminator(disc, disc_precision, channels_last, compile_nets) if fast or disc_precision != 'fp32' else disc
     latents = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     def sample(guided):
         def fn():
@@ -110,7 +112,7 @@ def main(device, batch, steps, repeats, precision, channels_last, compile_nets, 
     t_guided = time_runs(sample(True), repeats)
     ratio, floor = t_guided / t_plain, fl_guided / fl_plain
     print(f'device={device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"}) '
-          f'batch={batch} steps={steps} precision={precision} channels_last={channels_last} compile={compile_nets}')
+          f'batch={batch} steps={steps} precision={precision} disc_precision={disc_precision} channels_last={channels_last} compile={compile_nets}')
     print(f'FLOPs per image: score net {f_net / 1e9:.1f} G per call; DG correction (fwd+bwd) {f_dg / 1e9:.1f} G per call')
     print(f'{"":<10}{"s/run":>9}{"images/s":>10}')
     print(f'{"plain":<10}{t_plain:>9.3f}{batch / t_plain:>10.2f}')
