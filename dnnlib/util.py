@@ -31,21 +31,6 @@ class EasyDict(dict):
 
 #----------------------------------------------------------------------------
 
-def parse_int_list(s):
-    """Parse '1,2,5-10' into [1, 2, 5, ..., 10]; a list passes through."""
-    if isinstance(s, list):
-        return s
-    ranges = []
-    range_re = re.compile(r'^(\d+)-(\d+)$')
-    for p in s.split(','):
-        p = p.strip()
-        m = range_re.match(p)
-        if m:
-            ranges.extend(range(int(m.group(1)), int(m.group(2)) + 1))
-        else:
-            ranges.append(int(p))
-    return ranges
-
 #----------------------------------------------------------------------------
 
 _dnnlib_cache_dir = None

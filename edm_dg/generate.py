@@ -79,8 +79,8 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
         if not batch:  # More ranks than batches of seeds.
             continue
         relpaths = {s: dgio.image_relpath(s, subdirs) for s in batch}
-        _, y, _ = draw_inputs(net_shape, net.label_dim, batch, device, class_idx)
-        labels.update(_label_entries(batch, relpaths, y))
+        latents, class_labels, rnd = draw_inputs(net_shape, net.label_dim, batch, device, class_idx)
+        labels.update(_label_entries(batch, relpaths, class_labels))
         shard_path = os.path.join(outdir, 'shards', dgio.shard_name(batch)) if npz else None
         todo = [s for s in batch if not (resume and os.path.isfile(os.path.join(outdir, relpaths[s])))]
         skipped += len(batch) - len(todo)
@@ -88,7 +88,8 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
             continue
         images_u8 = {}
         if todo:
-            latents, class_labels, rnd = draw_inputs(net_shape, net.label_dim, todo, device, class_idx)
+            if todo != batch:  # Resumed batch: draw again for the missing seeds only.
+                latents, class_labels, rnd = draw_inputs(net_shape, net.label_dim, todo, device, class_idx)
             images = dg_sampler(net, latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
             finite = torch.isfinite(images).flatten(1).all(dim=1).cpu().tolist()
             for s, ok, im in zip(todo, finite, dgio.to_uint8(images)):

@@ -214,7 +214,7 @@ class ImageSource:
         """uint8 tensor [N,C,H,W] of the given indices; ValueError if shapes differ."""
         if self._arrays is not None:
             return self._arrays[0][torch.as_tensor(indices, dtype=torch.long)]
-        return _stack([self.read(i) for i in indices], None, None, self.path)[0]
+        return _stack([self.read(i) for i in indices], self.path)
 
     def labels(self, indices=None):
         """int64 labels or None when the source has none."""
@@ -243,13 +243,14 @@ def load_image_set(path, max_images=None):
     idx = list(range(len(src) if max_images is None else min(len(src), max_images)))
     return src.images(idx), src.labels(idx)
 
-def _stack(images, names, label_map, source):
+def _stack(images, source):
+    """HWC uint8 arrays -> [N,C,H,W] tensor; ValueError when shapes differ."""
     if not images:
         raise ValueError(f'{source}: no images found')
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise ValueError(f'{source}: images have different shapes {sorted(shapes)[:3]}; all must share one resolution and channel count')
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), None
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 def _load_npz(paths, max_images):
     xs, ys = [], []

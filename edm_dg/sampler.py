@@ -125,8 +125,8 @@ def dg_sampler(
             if any(inside):
                 correction, lr = dg_correction(discriminator, x_hat, t_hat, disc_labels)
                 if not all(inside): # Boosted and plain samples straddle the window edge.
-                    ok = time_min <= vp.sigma_to_tau(t_hat.reshape(-1).expand(n)).min()
-                    ok = ok & (vp.sigma_to_tau(t_hat.reshape(-1).expand(n)).min() <= time_max)
+                    tau_min = vp.sigma_to_tau(t_hat.reshape(-1)).min()
+                    ok = (time_min <= tau_min) & (tau_min <= time_max)
                     correction = correction * ok.to(correction.dtype)
                     lr = torch.where(ok, lr, torch.full_like(lr, 1e7))
                 log_ratio = lr
