@@ -66,7 +66,7 @@ def build_models(models_dir, images, labels, toy, log=print):
     from training.training_loop import train_edm
     from .train_classifier import train_classifier
     os.makedirs(models_dir, exist_ok=True)
-    train_edm(images, labels, os.path.join(models_dir, BASE_PKL), steps=20 if toy else 1500, batch=64 if toy else 256,
+    train_edm(images, labels, os.path.join(models_dir, BASE_PKL), steps=20 if toy else 400, batch=64 if toy else 256,
               model_kwargs=dict(model_channels=16, num_blocks=1) if toy else None,
               dataset_kwargs=dict(name='sklearn-digits-dequantised', resolution=8))
     data_dir = os.path.join(models_dir, 'data-for-classifier')
@@ -101,9 +101,9 @@ def fid_of(images_dir, ref, detector, num):
 @click.option('--toy', is_flag=True, help='Seconds-long smoke run with tiny sizes (for tests)')
 @click.option('--num', 'num', type=click.IntRange(min=8), default=2000, show_default=True, help='Samples per seed set')
 @click.option('--sets', type=click.IntRange(min=2), default=3, show_default=True, help='Seed sets (paired plain vs. DG)')
-@click.option('--w', 'w', type=float, default=0.5, show_default=True, help='DG weight (dg_weight_1st_order)')
+@click.option('--w', 'w', type=float, default=1.0, show_default=True, help='DG weight (dg_weight_1st_order)')
 @click.option('--epochs', type=click.IntRange(min=1), default=8, show_default=True, help='Discriminator epochs')
-@click.option('--steps', type=click.IntRange(min=2), default=5, show_default=True, help='Sampler steps (few: the base model\'s errors are then large enough for a discriminator to learn within the budget)')
+@click.option('--steps', type=click.IntRange(min=2), default=10, show_default=True, help='Sampler steps')
 def main(outdir, from_scratch, toy, num, sets, w, epochs, steps):
     t_start = time.time()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
@@ -149,7 +149,7 @@ def main(outdir, from_scratch, toy, num, sets, w, epochs, steps):
 
     ep_dir = os.path.join(outdir, 'fid-epochs')
     st.run('fid.py epochs: FID of DG samples per discriminator epoch', lambda: cli(
-        script('fid.py'), 'epochs', f'--run={disc_run}', f'--network={net}', f'--classifier={cls}', f'--ref={ref}',
+        script('fid.py'), 'epochs', f'--run={disc_run}', '--every=2', f'--network={net}', f'--classifier={cls}', f'--ref={ref}',
         f'--outdir={ep_dir}', f'--seeds=1-{max(num // 2, 8)}', f'--steps={steps}', f'--dg_weight_1st_order={w}', '--batch=256', f'--detector={det}'))
 
     def write_stats():
