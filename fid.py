@@ -6,22 +6,12 @@
       --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
 """
 
-import json
-import os
 
 import click
-import torch
 
 from torch_utils import distributed as dist
 from edm_dg import metrics
 from edm_dg.discriminator import CheckpointError
-
-def _device(device):
-    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    dist.init(torch.device(device).type)
-    if device == 'cuda':
-        device = f'cuda:{dist.get_local_rank()}'
-    return torch.device(device)
 
 def _errors(fn):
     def wrapper(*args, **kwargs):
@@ -53,7 +43,7 @@ DETECTOR = click.option('--detector', help='inception-2015-12-05.pkl path/URL, a
 @_errors
 def calc(image_path, ref_path, num, seed, batch, detector, device, json_out):
     """Calculate FID of a set of images against reference statistics."""
-    device = _device(device)
+    device = dist.init_device(device)
     mu_ref, sigma_ref = metrics.load_ref(ref_path)
     det = metrics.load_detector(detector, device, log=dist.print0)
     dist.print0(f'Detector: {det.name}')
@@ -76,7 +66,7 @@ def calc(image_path, ref_path, num, seed, batch, detector, device, json_out):
 @_errors
 def ref(dataset_path, dest_path, batch, detector, device):
     """Calculate dataset reference statistics needed by 'calc'."""
-    device = _device(device)
+    device = dist.init_device(device)
     det = metrics.load_detector(detector, device, log=dist.print0)
     dist.print0(f'Detector: {det.name}')
     mu, sigma = metrics.source_stats(dataset_path, det, None, 0, batch, device)
@@ -114,7 +104,7 @@ def _sampler_options(fn):
 def _prepare(network_pkl, ref_path, detector, device, trust_pickle, sampler, seeds):
     from edm_dg.io import parse_seeds
     from edm_dg.pickles import load_network_pickle
-    device = _device(device)
+    device = dist.init_device(device)
     net = load_network_pickle(network_pkl, trust_pickle=trust_pickle).eval().requires_grad_(False).to(device)
     ref = metrics.load_ref(ref_path)
     det = metrics.load_detector(detector, device, log=dist.print0)

@@ -13,11 +13,9 @@ Examples:
 """
 
 import os
-import sys
 import tempfile
 
 import click
-import torch
 
 from torch_utils import distributed as dist
 from edm_dg import io as dgio
@@ -82,12 +80,7 @@ def run(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, disc_pat
     for name, value in list(sampler_kwargs.items()) + [('dg_weight_1st_order', dg_weight_1st_order)]:
         if isinstance(value, float) and (value != value or (value in (float('inf'), float('-inf')) and name != 'S_max')):
             raise ValueError(f'--{name}={value} is not a finite number')
-    if device is None:
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    dist.init(torch.device(device).type)
-    if torch.device(device).type == 'cuda' and device == 'cuda':
-        device = f'cuda:{dist.get_local_rank()}'
-    device = torch.device(device)
+    device = dist.init_device(device)
     log = dist.print0
     if disc_path is not None and classifier_path is None:
         raise ValueError(f'{disc_path}: a discriminator needs its feature extractor; pass --classifier (e.g. 32x32_classifier.pt)')

@@ -37,10 +37,7 @@ from edm_dg.pickles import load_network_pickle
 @click.option('--trust_pickle', is_flag=True, help="Use EDM's own unpickling (executes code in the file)")
 def main(network_pkl, data, num, batch, num_steps, seed, disc_path, classifier_path, dg_weight, json_out, device, trust_pickle):
     try:
-        device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-        dist.init(torch.device(device).type)
-        if device == 'cuda':
-            device = f'cuda:{dist.get_local_rank()}'
+        device = dist.init_device(device)
         net = load_network_pickle(network_pkl, trust_pickle=trust_pickle).eval().requires_grad_(False).to(device)
         disc = None
         if disc_path:

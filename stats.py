@@ -9,7 +9,6 @@ paired test with --paired) between --a and --b.
   python stats.py --a=fid_dg.csv --b=fid_plain.csv --paired
 """
 
-import json
 
 import click
 

@@ -11,7 +11,6 @@ output folder or its .npz shards. One checkpoint per epoch, each usable as
 """
 
 import click
-import torch
 
 from torch_utils import distributed as dist
 from edm_dg.discriminator import CheckpointError
@@ -40,12 +39,7 @@ from edm_dg.disc_training import train
 @click.option('--device',      help='Device  [default: cuda if available]', default=None)
 def main(device, **kwargs):
     try:
-        if device is None:
-            device = 'cuda' if torch.cuda.is_available() else 'cpu'
-        dist.init(torch.device(device).type)
-        if device == 'cuda':
-            device = f'cuda:{dist.get_local_rank()}'
-        train(device=device, log=dist.print0, **kwargs)
+        train(device=dist.init_device(device), log=dist.print0, **kwargs)
     except (ValueError, CheckpointError, OSError) as e:
         raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__)
     finally:

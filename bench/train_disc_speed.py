@@ -19,7 +19,6 @@ import time
 import click
 import numpy as np
 import torch
-from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -20,7 +20,7 @@ from . import io as dgio
 from . import lora as lora_lib
 from . import vp
 from .discriminator import (Discriminator, discriminator_checkpoint, load_classifier, make_head,
-                            default_time_schedule, FORMAT)
+                            default_time_schedule)
 from .precision import autocast
 
 STATE_FILE = 'training-state.pt'

@@ -193,7 +193,7 @@ def load_discriminator(disc_path, classifier_path, device='cpu', time_schedule=N
         head = EncoderUNet(**head_args)
         try:
             head.load_state_dict(obj['head'], strict=True)
-        except RuntimeError as e:
+        except RuntimeError:
             raise CheckpointError(f'{disc_path}: head weights do not match its recorded configuration; the file is damaged') from None
         if obj.get('lora_rank', 0):
             lora_lib.apply_lora(classifier, obj['lora_rank'], obj.get('lora_alpha', 1.0))

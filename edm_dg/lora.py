@@ -8,7 +8,6 @@ Every residual block's first 3x3 convolution (`in_layers[2]`) becomes
 
 import math
 
-import torch
 from torch import nn
 from torch.nn import functional as F
 

@@ -11,7 +11,6 @@ so bits/dim = (-log p(x) + D log 128) / (D log 2).
 
 import math
 
-import numpy as np
 import torch
 
 from .sampler import dg_correction, step_schedule

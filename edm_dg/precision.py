@@ -7,7 +7,6 @@ float32, so the sampler's float64 arithmetic is unchanged.
 
 import contextlib
 import copy
-import warnings
 
 import torch
 

@@ -86,7 +86,7 @@ def train_classifier(data, outdir, *, epochs=20, batch=128, lr=3e-4, weight_deca
 @click.option('--device', default=None, help='Device  [default: cuda if available]')
 def main(device, **kwargs):
     try:
-        train_classifier(device=device or ('cuda' if torch.cuda.is_available() else 'cpu'), **kwargs)
+        train_classifier(device=dist.init_device(device), **kwargs)
     except (ValueError, OSError) as e:
         raise click.ClickException(str(e).splitlines()[0])
 

@@ -5,7 +5,7 @@ import torch
 
 from edm_dg import lora
 from edm_dg.adm import EncoderUNet
-from edm_dg.discriminator import (CheckpointError, Discriminator, build_encoder, infer_encoder_args,
+from edm_dg.discriminator import (CheckpointError, Discriminator, build_encoder,
                                   load_classifier, load_discriminator)
 
 def test_classifier_features_and_logits(ref, ref_nets):

@@ -1,6 +1,5 @@
 """EDM networks and pickles: fixture equality, pickle round trips, safe loading."""
 
-import io
 import os
 import pickle
 

@@ -6,9 +6,7 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
-import numpy as np
 import pytest
 import torch
 

@@ -65,3 +65,12 @@ def all_gather_object(obj):
     out = [None] * get_world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
+
+def init_device(device=None):
+    """The device for this process (default: cuda if available), after joining the torchrun group.
+    A bare 'cuda' becomes this process's GPU, cuda:LOCAL_RANK."""
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    init(torch.device(device).type)
+    if device == 'cuda':
+        device = f'cuda:{get_local_rank()}'
+    return torch.device(device)

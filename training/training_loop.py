@@ -6,7 +6,6 @@ generate.py and in edm-dg. Large-scale training belongs to EDM's train.py.
 """
 
 import copy
-import os
 import pickle
 import time
 
@@ -14,16 +13,14 @@ import torch
 import tqdm
 
 import dnnlib
-from torch_utils import persistence
 from training import networks
 from training.loss import EDMLoss
+from edm_dg.io import atomic_open
 
 def save_snapshot(path, ema, loss_fn, dataset_kwargs):
     """Atomically write an EDM network pickle."""
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
+    with atomic_open(path) as f:
         pickle.dump(dict(ema=ema, loss_fn=loss_fn, augment_pipe=None, dataset_kwargs=dnnlib.EasyDict(dataset_kwargs)), f)
-    os.replace(tmp, path)
 
 def train_edm(images_u8, labels, outfile, *, label_dim=0, steps=1500, batch=256, lr=1e-3, ema_halflife_steps=100,
               model_kwargs=None, seed=0, device='cpu', dataset_kwargs=None, progress=True, log=print):
