@@ -6,24 +6,11 @@
       --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
 """
 
-
 import click
 
 from torch_utils import distributed as dist
 from edm_dg import metrics
-from edm_dg.discriminator import CheckpointError
-
-def _errors(fn):
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, CheckpointError, OSError) as e:
-            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__)
-        finally:
-            dist.shutdown()
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
-    return wrapper
+from edm_dg.cli import command_body
 
 @click.group(help=__doc__)
 def main():
@@ -40,7 +27,7 @@ DETECTOR = click.option('--detector', help='inception-2015-12-05.pkl path/URL, a
 @DETECTOR
 @click.option('--device', default=None, help='Device  [default: cuda if available]')
 @click.option('--json', 'json_out', help='Also write the result to this JSON file', metavar='PATH', default=None)
-@_errors
+@command_body
 def calc(image_path, ref_path, num, seed, batch, detector, device, json_out):
     """Calculate FID of a set of images against reference statistics."""
     device = dist.init_device(device)
@@ -63,7 +50,7 @@ def calc(image_path, ref_path, num, seed, batch, detector, device, json_out):
 @click.option('--batch', help='Maximum batch size per process', type=click.IntRange(min=1), default=64, show_default=True)
 @DETECTOR
 @click.option('--device', default=None, help='Device  [default: cuda if available]')
-@_errors
+@command_body
 def ref(dataset_path, dest_path, batch, detector, device):
     """Calculate dataset reference statistics needed by 'calc'."""
     device = dist.init_device(device)
@@ -117,7 +104,7 @@ def _prepare(network_pkl, ref_path, detector, device, trust_pickle, sampler, see
 @click.option('--run', 'run_dir', help='train_disc.py run folder (disc-*.pt)', metavar='DIR', required=True)
 @click.option('--every', help='Evaluate every k-th checkpoint (and the last)', type=click.IntRange(min=1), default=1, show_default=True)
 @_sampler_options
-@_errors
+@command_body
 def epochs(run_dir, every, network_pkl, classifier_path, ref_path, outdir, seeds, batch, detector, device, trust_pickle, keep_images, **sampler):
     """FID of guided samples for each discriminator checkpoint; CSV + plot, best epoch marked."""
     from edm_dg.sweep import fid_over_epochs
@@ -132,7 +119,7 @@ def epochs(run_dir, every, network_pkl, classifier_path, ref_path, outdir, seeds
 @click.option('--values', help='Rough grid, comma-separated', required=True)
 @click.option('--refine', help='Then this many points between the best value\'s neighbours', type=click.IntRange(min=0), default=0, show_default=True)
 @_sampler_options
-@_errors
+@command_body
 def sweep(disc_path, param, values, refine, network_pkl, classifier_path, ref_path, outdir, seeds, batch, detector, device, trust_pickle, keep_images, **sampler):
     """FID over a grid of one sampler setting (rough then fine); CSV + plot."""
     from edm_dg.discriminator import load_discriminator

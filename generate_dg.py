@@ -19,7 +19,8 @@ import click
 
 from torch_utils import distributed as dist
 from edm_dg import io as dgio
-from edm_dg.discriminator import CheckpointError, load_discriminator
+from edm_dg.cli import command_body
+from edm_dg.discriminator import load_discriminator
 from edm_dg.generate import generate
 from edm_dg.pickles import load_network_pickle
 from edm_dg.precision import PRECISIONS, FastDiscriminator, FastNet, set_tf32
@@ -64,15 +65,11 @@ from edm_dg.precision import PRECISIONS, FastDiscriminator, FastNet, set_tf32
 @click.option('--channels_last',           help='channels_last memory format for both networks', is_flag=True)
 @click.option('--compile', 'compile_nets', help='torch.compile both networks (falls back to eager)', is_flag=True)
 @click.option('--trust_pickle',            help='Load --network with EDM\'s own unpickling (executes code in the file)', is_flag=True)
+@command_body
 def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, disc_path, classifier_path, dg_weight_1st_order,
          npz, resume, device, precision, disc_precision, channels_last, compile_nets, trust_pickle, **sampler_kwargs):
-    try:
-        run(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, disc_path, classifier_path, dg_weight_1st_order,
-            npz, resume, device, precision, disc_precision, channels_last, compile_nets, trust_pickle, sampler_kwargs)
-    except (ValueError, CheckpointError, OSError) as e:
-        raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    finally:
-        dist.shutdown()
+    run(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, disc_path, classifier_path, dg_weight_1st_order,
+        npz, resume, device, precision, disc_precision, channels_last, compile_nets, trust_pickle, sampler_kwargs)
 
 def run(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, disc_path, classifier_path, dg_weight_1st_order,
         npz, resume, device, precision, disc_precision, channels_last, compile_nets, trust_pickle, sampler_kwargs):

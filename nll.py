@@ -18,7 +18,8 @@ import tqdm
 
 from torch_utils import distributed as dist
 from edm_dg import io as dgio
-from edm_dg.discriminator import CheckpointError, load_discriminator
+from edm_dg.cli import command_body
+from edm_dg.discriminator import load_discriminator
 from edm_dg.nll import bits_per_dim, dequantize, log_likelihood
 from edm_dg.pickles import load_network_pickle
 
@@ -35,47 +36,43 @@ from edm_dg.pickles import load_network_pickle
 @click.option('--json', 'json_out', help='Write results to this JSON file', metavar='PATH', default=None)
 @click.option('--device', default=None, help='Device  [default: cuda if available]')
 @click.option('--trust_pickle', is_flag=True, help="Use EDM's own unpickling (executes code in the file)")
+@command_body
 def main(network_pkl, data, num, batch, num_steps, seed, disc_path, classifier_path, dg_weight, json_out, device, trust_pickle):
-    try:
-        device = dist.init_device(device)
-        net = load_network_pickle(network_pkl, trust_pickle=trust_pickle).eval().requires_grad_(False).to(device)
-        disc = None
-        if disc_path:
-            if not classifier_path:
-                raise ValueError(f'{disc_path}: pass --classifier too')
-            disc = load_discriminator(disc_path, classifier_path, device=device)
-        src = dgio.ImageSource(data)
-        idx = dgio.subset_indices(len(src), num, seed)
-        labels_all = src.labels(idx) if net.label_dim else None
-        if net.label_dim and labels_all is None:
-            raise ValueError(f'{data}: conditional network needs labels (dataset.json)')
-        rank, world = dist.get_rank(), dist.get_world_size()
-        chunks = [(i, idx[i:i + batch]) for i in range(0, len(idx), batch)][rank::world]
-        results = []
-        for start, chunk in tqdm.tqdm(chunks, desc='nll', disable=rank != 0, dynamic_ncols=True):
-            x_u8 = src.images(chunk).to(device)
-            if x_u8.shape[1:] != (net.img_channels, net.img_resolution, net.img_resolution):
-                raise ValueError(f'{data}: images are {list(x_u8.shape[1:])}, network expects '
-                                 f'{[net.img_channels, net.img_resolution, net.img_resolution]}')
-            g = torch.Generator(device).manual_seed(seed * 1000003 + start)
-            y = None
-            if net.label_dim:
-                y = torch.eye(net.label_dim, device=device)[labels_all[start:start + len(chunk)].to(device)]
-            lp = log_likelihood(net, dequantize(x_u8, g), y, num_steps=num_steps, generator=g,
-                                discriminator=disc, w=dg_weight, disc_labels=y)
-            results.extend(bits_per_dim(lp, x_u8[0].numel()).cpu().tolist())
-        allr = [v for part in dist.all_gather_object(results) for v in part]
-        mean = float(np.mean(allr))
-        se = float(np.std(allr, ddof=1) / math.sqrt(len(allr))) if len(allr) > 1 else float('nan')
-        if rank == 0:
-            print(f'NLL: {mean:.4f} +- {se:.4f} bits/dim (mean +- s.e., {len(allr)} images, {num_steps} steps, w={dg_weight})')
-            if json_out:
-                dgio.atomic_write_json(json_out, dict(bpd_mean=mean, bpd_se=se, n=len(allr), steps=num_steps, w=dg_weight,
-                                                      network=network_pkl, data=data, disc=disc_path))
-    except (ValueError, CheckpointError, OSError) as e:
-        raise click.ClickException(str(e).splitlines()[0])
-    finally:
-        dist.shutdown()
+    device = dist.init_device(device)
+    net = load_network_pickle(network_pkl, trust_pickle=trust_pickle).eval().requires_grad_(False).to(device)
+    disc = None
+    if disc_path:
+        if not classifier_path:
+            raise ValueError(f'{disc_path}: pass --classifier too')
+        disc = load_discriminator(disc_path, classifier_path, device=device)
+    src = dgio.ImageSource(data)
+    idx = dgio.subset_indices(len(src), num, seed)
+    labels_all = src.labels(idx) if net.label_dim else None
+    if net.label_dim and labels_all is None:
+        raise ValueError(f'{data}: conditional network needs labels (dataset.json)')
+    rank, world = dist.get_rank(), dist.get_world_size()
+    chunks = [(i, idx[i:i + batch]) for i in range(0, len(idx), batch)][rank::world]
+    results = []
+    for start, chunk in tqdm.tqdm(chunks, desc='nll', disable=rank != 0, dynamic_ncols=True):
+        x_u8 = src.images(chunk).to(device)
+        if x_u8.shape[1:] != (net.img_channels, net.img_resolution, net.img_resolution):
+            raise ValueError(f'{data}: images are {list(x_u8.shape[1:])}, network expects '
+                             f'{[net.img_channels, net.img_resolution, net.img_resolution]}')
+        g = torch.Generator(device).manual_seed(seed * 1000003 + start)
+        y = None
+        if net.label_dim:
+            y = torch.eye(net.label_dim, device=device)[labels_all[start:start + len(chunk)].to(device)]
+        lp = log_likelihood(net, dequantize(x_u8, g), y, num_steps=num_steps, generator=g,
+                            discriminator=disc, w=dg_weight, disc_labels=y)
+        results.extend(bits_per_dim(lp, x_u8[0].numel()).cpu().tolist())
+    allr = [v for part in dist.all_gather_object(results) for v in part]
+    mean = float(np.mean(allr))
+    se = float(np.std(allr, ddof=1) / math.sqrt(len(allr))) if len(allr) > 1 else float('nan')
+    if rank == 0:
+        print(f'NLL: {mean:.4f} +- {se:.4f} bits/dim (mean +- s.e., {len(allr)} images, {num_steps} steps, w={dg_weight})')
+        if json_out:
+            dgio.atomic_write_json(json_out, dict(bpd_mean=mean, bpd_se=se, n=len(allr), steps=num_steps, w=dg_weight,
+                                                  network=network_pkl, data=data, disc=disc_path))
 
 if __name__ == '__main__':
     main()

@@ -13,7 +13,7 @@ output folder or its .npz shards. One checkpoint per epoch, each usable as
 import click
 
 from torch_utils import distributed as dist
-from edm_dg.discriminator import CheckpointError
+from edm_dg.cli import command_body
 from edm_dg.disc_training import train
 
 @click.command(help=__doc__)
@@ -37,13 +37,9 @@ from edm_dg.disc_training import train
 @click.option('--channels_last', help='channels_last memory format', is_flag=True)
 @click.option('--resume',      help='Continue the run in --outdir from its last epoch', is_flag=True)
 @click.option('--device',      help='Device  [default: cuda if available]', default=None)
+@command_body
 def main(device, **kwargs):
-    try:
-        train(device=dist.init_device(device), log=dist.print0, **kwargs)
-    except (ValueError, CheckpointError, OSError) as e:
-        raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    finally:
-        dist.shutdown()
+    train(device=dist.init_device(device), log=dist.print0, **kwargs)
 
 if __name__ == '__main__':
     main()

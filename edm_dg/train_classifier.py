@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from torch_utils import distributed as dist
 from . import io as dgio
 from .adm import EncoderUNet
+from .cli import command_body
 from .disc_training import _generator, noisy_batch
 
 def train_classifier(data, outdir, *, epochs=20, batch=128, lr=3e-4, weight_decay=0.05, width=128, depth=2,
@@ -84,11 +85,9 @@ def train_classifier(data, outdir, *, epochs=20, batch=128, lr=3e-4, weight_deca
 @click.option('--seed', type=int, default=0, show_default=True)
 @click.option('--resume', is_flag=True, help='Continue the run in --outdir')
 @click.option('--device', default=None, help='Device  [default: cuda if available]')
+@command_body
 def main(device, **kwargs):
-    try:
-        train_classifier(device=dist.init_device(device), **kwargs)
-    except (ValueError, OSError) as e:
-        raise click.ClickException(str(e).splitlines()[0])
+    train_classifier(device=dist.init_device(device), **kwargs)
 
 if __name__ == '__main__':
     main()

@@ -1,6 +1,7 @@
 """The one distributed helper: torchrun process groups (NCCL on CUDA, gloo on CPU)."""
 
 import os
+import time
 
 import torch
 
@@ -52,9 +53,21 @@ def print0(*args, **kwargs):
     if get_rank() == 0:
         print(*args, **kwargs)
 
-def shutdown():
+def shutdown(finished=True):
+    """Leave the process group; with finished=True, first wait until every rank has finished.
+
+    Gloo's worker threads free a finished collective's tensors after waking the caller, and freeing
+    a tensor takes the GIL; a worker that gets there only once the interpreter is finalizing aborts
+    the process ("terminate called without an active exception"; see pytorch/pytorch PR 179291).
+    The barrier and the short GIL-free wait let the workers do it while Python is still alive. A
+    failing rank (finished=False) leaves at once: the others may never reach a barrier.
+    """
     global _initialized
     if is_initialized():
+        if finished:
+            torch.distributed.barrier()
+            if torch.distributed.get_backend() == 'gloo':
+                time.sleep(0.2)
         torch.distributed.destroy_process_group()
     _initialized = False
 
