@@ -1,20 +1,21 @@
 """Discriminator-training throughput: this project's loop vs. one written as the DG release does it.
 
 Same process, same real-size networks (32x32 ADM classifier, released head
-layout, seeded random weights), same batch; warm-up excluded, median of repeats.
-The release-style loop keeps images as numpy arrays fed through a DataLoader
-with per-sample transforms, leaves the classifier trainable in train mode, uses
-ADM's einsum attention with the attention blocks checkpointed, and a sigmoid +
-BCELoss.
+layout, seeded random weights), same batch; the loops take turns in every round
+(so drift hits all alike), warm-up excluded, median of rounds.
+
+The release-style loop follows the DG release's train.py: images as numpy
+arrays fed through a DataLoader (num_workers=0) with a per-sample ToTensor, the
+classifier left trainable in train mode (features under no_grad), ADM's einsum
+attention with the attention blocks checkpointed, sigmoid + BCELoss, and the
+loss and accuracy read back with .item() every step.
 
     python bench/train_disc_speed.py --batch=32 --steps=3
 """
 
 import math
 import os
-import statistics
 import sys
-import time
 
 import click
 import numpy as np
@@ -23,11 +24,14 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from edm_dg import adm, vp
-from edm_dg.bench import released_discriminator
+from edm_dg.bench import released_discriminator, time_interleaved
 from edm_dg.disc_training import _generator, train_step
 
-def einsum_attention(q, k, v):
+def einsum_attention(qkv, num_heads):
     """guided-diffusion's QKVAttentionLegacy arithmetic."""
+    b, width, length = qkv.shape
+    ch = width // (3 * num_heads)
+    q, k, v = qkv.reshape(b * num_heads, ch * 3, length).split(ch, dim=1)
     scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
     w = torch.einsum('bct,bcs->bts', q * scale, k * scale)
     w = torch.softmax(w.float(), dim=-1).type(w.dtype)
@@ -50,11 +54,19 @@ class ReleaseStyle:
             def __getitem__(self_, i):
                 img = torch.from_numpy(np.ascontiguousarray(data_u8_nhwc[i].transpose(2, 0, 1))).float() / 255.0
                 return img, targets[i]
-        self.loader = torch.utils.data.DataLoader(DS(), batch_size=batch, shuffle=True, num_workers=1, drop_last=True)
+        self.loader = torch.utils.data.DataLoader(DS(), batch_size=batch, shuffle=True, num_workers=0, drop_last=True)
         self.opt = torch.optim.Adam(disc.head.parameters(), lr=3e-4, weight_decay=1e-7)
         self.loss = torch.nn.BCELoss()
+        self.report = []
 
     def run(self, steps):
+        original, adm._legacy_attention = adm._legacy_attention, einsum_attention
+        try:
+            self._run(steps)
+        finally:
+            adm._legacy_attention = original
+
+    def _run(self, steps):
         it = iter(self.loader)
         for _ in range(steps):
             x, y = next(it)
@@ -69,6 +81,7 @@ class ReleaseStyle:
             out = self.loss(pred, y.float())
             out.backward()
             self.opt.step()
+            self.report.append((out.item(), ((pred > 0.5).float() == y).float().mean().item()))
 
 class Ours:
     def __init__(self, disc, data_u8_nchw, targets, batch, precision):
@@ -91,15 +104,6 @@ class Ours:
             train_step(self.disc, self.opt, self.scaler, self.images[idx], self.targets[idx], None, self.gen,
                        self.params, False, self.precision)
 
-def timed(fn, steps, repeats):
-    fn(1)  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(steps)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
 @click.command()
 @click.option('--batch', type=int, default=32, show_default=True)
 @click.option('--steps', type=int, default=3, show_default=True)
@@ -113,21 +117,15 @@ def main(batch, steps, repeats, threads):
     data = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
     targets = torch.from_numpy((np.arange(n) % 2).astype(np.float32))
     print(f'Discriminator training, 32x32 ADM classifier + released head layout, batch {batch}, {steps} steps, '
-          f'median of {repeats}, {torch.get_num_threads()} threads')
-    results = {}
-    original = adm._attention
-    try:
-        adm._attention = einsum_attention
-        results['release-style'] = timed(ReleaseStyle(released_discriminator(), data, targets, batch).run, steps, repeats)
-    finally:
-        adm._attention = original
+          f'median of {repeats} interleaved rounds, {torch.get_num_threads()} threads')
     nchw = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
-    results['edm-dg fp32'] = timed(Ours(released_discriminator(), nchw, targets, batch, 'fp32').run, steps, repeats)
-    results['edm-dg bf16'] = timed(Ours(released_discriminator(), nchw, targets, batch, 'bf16').run, steps, repeats)
-    base = results['release-style']
+    loops = {'release-style': ReleaseStyle(released_discriminator(), data, targets, batch),
+             'edm-dg fp32': Ours(released_discriminator(), nchw, targets, batch, 'fp32'),
+             'edm-dg bf16': Ours(released_discriminator(), nchw, targets, batch, 'bf16')}
+    medians, ratios = time_interleaved([lambda l=l: l.run(steps) for l in loops.values()], repeats)
     print(f'{"loop":<16}{"images/s":>10}{"vs release":>12}')
-    for k, v in results.items():
-        print(f'{k:<16}{batch * steps / v:>10.2f}{base / v:>11.2f}x')
+    for name, t, r in zip(loops, medians, ratios):
+        print(f'{name:<16}{batch * steps / t:>10.2f}{1 / r:>11.2f}x')
 
 if __name__ == '__main__':
     main()

@@ -82,6 +82,14 @@ def _attention(q, k, v):
     out = F.scaled_dot_product_attention(q, k, v)
     return out.squeeze(0).transpose(1, 2)
 
+def _legacy_attention(qkv, num_heads):
+    """ADM's legacy-layout attention: qkv [B, heads * 3 * ch, T], each head's q, k, v consecutive;
+    returns [B * heads, ch, T]. One copy into the fused kernel's layout (not one per q, k, v)."""
+    b, width, length = qkv.shape
+    ch = width // (3 * num_heads)
+    q, k, v = qkv.reshape(b * num_heads, 3, ch, length).permute(1, 0, 3, 2).unsqueeze(1).contiguous().unbind(0)
+    return F.scaled_dot_product_attention(q, k, v).squeeze(0).transpose(1, 2)
+
 class AttentionBlock(nn.Module):
     """Spatial self-attention with the legacy (heads-first) qkv layout."""
 
@@ -98,9 +106,7 @@ class AttentionBlock(nn.Module):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
         qkv = self.qkv(self.norm(x))
-        ch = c // self.num_heads
-        q, k, v = qkv.reshape(b * self.num_heads, ch * 3, -1).split(ch, dim=1)
-        h = self.proj_out(_attention(q, k, v).reshape(b, c, -1))
+        h = self.proj_out(_legacy_attention(qkv, self.num_heads).reshape(b, c, -1))
         return (x + h).reshape(b, c, *spatial)
 
 class AttentionPool2d(nn.Module):

@@ -65,14 +65,24 @@ def flop_floor(net, disc, batch, steps, device, w1=2.0, time_min=0.01, time_max=
     guided_evals = sum(1 for s in t[:-1] if time_min <= vp.sigma_to_tau(torch.tensor(s)).item() <= time_max) if w1 else 0
     return nfe * f_net, nfe * f_net + guided_evals * f_dg, f_net / batch, f_dg / batch
 
-def time_runs(fn, repeats):
-    fn()  # warm-up (and compilation, when enabled)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def time_interleaved(fns, repeats):
+    """Median time of each fn and the median of its per-round time ratio to fns[0].
+
+    Every round runs each fn once in turn, so drift in the machine's speed
+    (shared hosts, clocks) hits all alike; a first warm-up round (and any
+    compilation in it) is excluded.
+    """
+    for fn in fns:
         fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    medians = [statistics.median(ts) for ts in times]
+    ratios = [statistics.median([t / t0 for t, t0 in zip(ts, times[0])]) for ts in times]
+    return medians, ratios
 
 def sync(device):
     if torch.device(device).type == 'cuda':
@@ -108,16 +118,15 @@ def main(device, batch, steps, repeats, precision, disc_precision, channels_last
                            num_steps=steps, discriminator=run_disc if guided else None, dg_weight_1st_order=w1 if guided else 0)
             sync(device)
         return fn
-    t_plain = time_runs(sample(False), repeats)
-    t_guided = time_runs(sample(True), repeats)
-    ratio, floor = t_guided / t_plain, fl_guided / fl_plain
+    (t_plain, t_guided), (_, ratio) = time_interleaved([sample(False), sample(True)], repeats)
+    floor = fl_guided / fl_plain
     print(f'device={device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"}) '
           f'batch={batch} steps={steps} precision={precision} disc_precision={disc_precision} channels_last={channels_last} compile={compile_nets}')
     print(f'FLOPs per image: score net {f_net / 1e9:.1f} G per call; DG correction (fwd+bwd) {f_dg / 1e9:.1f} G per call')
     print(f'{"":<10}{"s/run":>9}{"images/s":>10}')
     print(f'{"plain":<10}{t_plain:>9.3f}{batch / t_plain:>10.2f}')
     print(f'{"guided":<10}{t_guided:>9.3f}{batch / t_guided:>10.2f}')
-    print(f'guided/plain time ratio {ratio:.3f}; FLOP floor {floor:.3f}; {100 * (ratio / floor - 1):+.1f}% above the floor')
+    print(f'guided/plain time ratio {ratio:.3f} (median over {repeats} alternating rounds); FLOP floor {floor:.3f}; {100 * (ratio / floor - 1):+.1f}% above the floor')
     return dict(plain=t_plain, guided=t_guided, ratio=ratio, floor=floor)
 
 if __name__ == '__main__':

@@ -1,5 +1,7 @@
 """GPU fast paths, checked for correctness on CPU: autocast precisions, channels_last, compile fallback."""
 
+import time
+
 import pytest
 import torch
 
@@ -86,3 +88,13 @@ def test_guidance_skipped_outside_window(nets, monkeypatch):
         dg_sampler(net, lat, None, rnd.randn_like, num_steps=10, discriminator=Counting(), dg_weight_1st_order=1.0,
                    time_min=0.2, time_max=0.5)
     assert 0 < len(calls) < 10 and all(0.2 <= t <= 0.5 for t in calls)
+
+def test_bench_rounds_interleave_and_ratio_is_per_round():
+    """The benchmarks run each loop once per round in turn and report per-round ratios."""
+    from edm_dg.bench import time_interleaved
+    calls = []
+    a = lambda: (calls.append('a'), time.sleep(0.01))
+    b = lambda: (calls.append('b'), time.sleep(0.03))
+    (ta, tb), (one, ratio) = time_interleaved([a, b], repeats=3)
+    assert calls == ['a', 'b'] * 4  # Warm-up round, then alternating.
+    assert one == 1.0 and 0.01 <= ta < tb and 2.0 < ratio < 4.0

@@ -46,9 +46,11 @@ def data(tmp_path_factory):
     torch.save(tiny_classifier().state_dict(), d / 'cls.pt')
     return d
 
-def test_learns_real_vs_blurred(data, tmp_path):
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+def test_learns_real_vs_blurred(data, tmp_path, precision):
+    """Also in bf16 autocast (CPU), the fast path behind the training benchmark's bf16 row."""
     last = train(str(tmp_path / 'run'), str(data / 'real'), str(data / 'fake'), str(data / 'cls.pt'),
-                 epochs=5, batch=32, **TINY)
+                 epochs=5, batch=32, precision=precision, **TINY)
     metrics = read_metrics(str(tmp_path / 'run'))
     assert [m['epoch'] for m in metrics] == [1, 2, 3, 4, 5]
     assert metrics[-1]['loss'] < metrics[0]['loss'] - 0.05
