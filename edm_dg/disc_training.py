@@ -127,11 +127,11 @@ def train_step(disc, opt, scaler, images_u8, y, labels, gen, params, lora_on, pr
     loss = F.binary_cross_entropy_with_logits(logits, y)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    if world > 1:
-        for p in params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= world
+    if world > 1:  # Average gradients over ranks in one collective.
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = dist.all_reduce(torch.cat([g.reshape(-1) for g in grads])) / world
+        for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(v.view_as(g))
     scaler.step(opt)
     scaler.update()
     return loss, logits
@@ -262,14 +262,13 @@ def read_metrics(outdir):
 
 def plot_metrics(outdir):
     """training-curves.png: loss and accuracy (real, fake) per epoch."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     recs = read_metrics(outdir)
     if not recs:
         return
     ep = [r['epoch'] for r in recs]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig = Figure(figsize=(9, 3.2))
+    a1, a2 = fig.subplots(1, 2)
     a1.plot(ep, [r['loss'] for r in recs], marker='o')
     a1.set_xlabel('epoch'); a1.set_ylabel('BCE loss'); a1.grid(alpha=0.3)
     a2.plot(ep, [r['acc_real'] for r in recs], marker='o', label='real')
@@ -277,6 +276,4 @@ def plot_metrics(outdir):
     a2.axhline(0.5, color='gray', lw=0.8, ls='--')
     a2.set_xlabel('epoch'); a2.set_ylabel('accuracy'); a2.legend(); a2.grid(alpha=0.3)
     fig.tight_layout()
-    with dgio.atomic_open(os.path.join(outdir, 'training-curves.png')) as f:
-        fig.savefig(f, format='png', dpi=100)
-    plt.close(fig)
+    dgio.save_figure(fig, os.path.join(outdir, 'training-curves.png'))

@@ -47,6 +47,11 @@ def remove_stale_temps(folder):
                     n += 1
     return n
 
+def save_figure(fig, path):
+    """A matplotlib Figure as PNG, written atomically."""
+    with atomic_open(path) as f:
+        fig.savefig(f, format='png', dpi=100)
+
 def atomic_torch_save(obj, path):
     with atomic_open(path) as f:
         torch.save(obj, f)
@@ -196,7 +201,7 @@ class ImageSource:
             raise ValueError(f'{path}: no images found')
 
     def _load_npz(self, paths):
-        self._arrays = _load_npz(paths, None)
+        self._arrays = _load_npz(paths)
         self.names = [f'{i:08d}' for i in range(len(self._arrays[0]))]
 
     def __len__(self):
@@ -252,7 +257,7 @@ def _stack(images, source):
         raise ValueError(f'{source}: images have different shapes {sorted(shapes)[:3]}; all must share one resolution and channel count')
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
-def _load_npz(paths, max_images):
+def _load_npz(paths):
     xs, ys = [], []
     for p in paths:
         try:
@@ -274,7 +279,4 @@ def _load_npz(paths, max_images):
         raise ValueError(f'{paths[0]}: shards have different image shapes')
     x = torch.from_numpy(np.concatenate(xs)).permute(0, 3, 1, 2).contiguous()
     labels = None if any(y is None for y in ys) else torch.from_numpy(np.concatenate(ys).astype(np.int64))
-    if max_images is not None:
-        x = x[:max_images]
-        labels = None if labels is None else labels[:max_images]
     return x, labels

@@ -10,7 +10,6 @@ the deterministic step schedule or applied as tensor masks: nothing in the step
 loop reads a tensor value back from the device.
 """
 
-
 import numpy as np
 import torch
 

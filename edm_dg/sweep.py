@@ -52,12 +52,11 @@ def fid_of_samples(net, outdir, seeds, sampler_kwargs, ref, detector, device, ba
     return metrics.frechet_distance(mu, sigma, *ref)
 
 def plot(path, xs, ys, xlabel, best_x=None, title=None):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     order = np.argsort(xs)
     xs, ys = np.asarray(xs)[order], np.asarray(ys)[order]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
     ax.plot(xs, ys, marker='o')
     if best_x is not None:
         ax.plot([best_x], [ys[list(xs).index(best_x)]], marker='*', markersize=16, color='C3', label=f'best: {best_x:g}')
@@ -68,9 +67,7 @@ def plot(path, xs, ys, xlabel, best_x=None, title=None):
         ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with dgio.atomic_open(path) as f:
-        fig.savefig(f, format='png', dpi=100)
-    plt.close(fig)
+    dgio.save_figure(fig, path)
 
 def checkpoint_epochs(run_dir, every=1):
     """[(epoch, path)] of disc-EEEE.pt files, every k-th plus the last."""
