@@ -13,41 +13,23 @@ loss and accuracy read back with .item() every step.
     python bench/train_disc_speed.py --batch=32 --steps=3
 """
 
-import math
 import os
 import sys
 
 import click
 import numpy as np
 import torch
-from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from edm_dg import adm, vp
-from edm_dg.bench import released_discriminator, time_interleaved
+from edm_dg import vp
+from edm_dg.bench import release_style, released_discriminator, time_interleaved
 from edm_dg.disc_training import _generator, train_step
-
-def einsum_attention(qkv, num_heads):
-    """guided-diffusion's QKVAttentionLegacy arithmetic."""
-    b, width, length = qkv.shape
-    ch = width // (3 * num_heads)
-    q, k, v = qkv.reshape(b * num_heads, ch * 3, length).split(ch, dim=1)
-    scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
-    w = torch.einsum('bct,bcs->bts', q * scale, k * scale)
-    w = torch.softmax(w.float(), dim=-1).type(w.dtype)
-    return torch.einsum('bts,bcs->bct', w, v)
 
 class ReleaseStyle:
     """The release's loop: DataLoader over numpy, per-sample ToTensor, trainable classifier, checkpointed attention."""
 
     def __init__(self, disc, data_u8_nhwc, targets, batch):
-        self.disc = disc
-        self.disc.classifier.train().requires_grad_(True)
-        self.disc.head.train().requires_grad_(True)
-        for m in list(disc.classifier.modules()) + list(disc.head.modules()):
-            if isinstance(m, adm.AttentionBlock):
-                fwd = m.forward
-                m.forward = (lambda f: (lambda x: checkpoint(f, x, use_reentrant=False)))(fwd)
+        self.disc = release_style(disc).train()
         class DS(torch.utils.data.Dataset):
             def __len__(self_):
                 return len(data_u8_nhwc)
@@ -60,13 +42,6 @@ class ReleaseStyle:
         self.report = []
 
     def run(self, steps):
-        original, adm._legacy_attention = adm._legacy_attention, einsum_attention
-        try:
-            self._run(steps)
-        finally:
-            adm._legacy_attention = original
-
-    def _run(self, steps):
         it = iter(self.loader)
         for _ in range(steps):
             x, y = next(it)

@@ -76,19 +76,24 @@ class ResBlock(TimestepBlock):
             h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
 
-def _attention(q, k, v):
-    """softmax(q^T k / sqrt(ch)) v over [B*heads, ch, T] tensors (fused kernel; ADM's math)."""
-    q, k, v = (t.transpose(1, 2).unsqueeze(0).contiguous() for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.squeeze(0).transpose(1, 2)
+def _token_attention(qkv, num_heads, legacy):
+    """Multi-head softmax(q k^T / sqrt(ch)) v over tokens (ADM's math, fused kernel).
 
-def _legacy_attention(qkv, num_heads):
-    """ADM's legacy-layout attention: qkv [B, heads * 3 * ch, T], each head's q, k, v consecutive;
-    returns [B * heads, ch, T]. One copy into the fused kernel's layout (not one per q, k, v)."""
-    b, width, length = qkv.shape
+    qkv: [B, T, 3 * C] from a token-major projection, its channels ordered
+    heads x (q, k, v) x ch when legacy (AttentionBlock) or (q, k, v) x heads x ch
+    (AttentionPool2d). Returns [B, T, C]. q, k, v are strided views and the
+    kernel writes its output token-major, so nothing is copied.
+    """
+    b, length, width = qkv.shape
     ch = width // (3 * num_heads)
-    q, k, v = qkv.reshape(b * num_heads, 3, ch, length).permute(1, 0, 3, 2).unsqueeze(1).contiguous().unbind(0)
-    return F.scaled_dot_product_attention(q, k, v).squeeze(0).transpose(1, 2)
+    qkv = qkv.view(b, length, num_heads, 3, ch) if legacy else qkv.view(b, length, 3, num_heads, ch).transpose(2, 3)
+    q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, length, num_heads * ch)
+
+def _pointwise(conv, tokens):
+    """A 1x1 Conv1d applied to token-major [B, T, C]: one GEMM (on CPU about twice as fast as
+    the 1x1 convolution at T = 1024)."""
+    return F.linear(tokens, conv.weight.squeeze(-1), conv.bias)
 
 class AttentionBlock(nn.Module):
     """Spatial self-attention with the legacy (heads-first) qkv layout."""
@@ -105,9 +110,9 @@ class AttentionBlock(nn.Module):
     def forward(self, x):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
-        qkv = self.qkv(self.norm(x))
-        h = self.proj_out(_legacy_attention(qkv, self.num_heads).reshape(b, c, -1))
-        return (x + h).reshape(b, c, *spatial)
+        qkv = _pointwise(self.qkv, self.norm(x).transpose(1, 2))
+        h = _pointwise(self.proj_out, _token_attention(qkv, self.num_heads, legacy=True))
+        return (x + h.transpose(1, 2)).reshape(b, c, *spatial)
 
 class AttentionPool2d(nn.Module):
     """CLIP-style attention pooling (qkv chunked first, then split into heads)."""
@@ -124,13 +129,8 @@ class AttentionPool2d(nn.Module):
         x = x.reshape(b, c, -1)
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)
         x = x + self.positional_embedding[None].to(x.dtype)
-        qkv = self.qkv_proj(x)
-        q, k, v = qkv.chunk(3, dim=1)
-        ch = c // self.num_heads
-        length = qkv.shape[-1]
-        a = _attention(q.reshape(b * self.num_heads, ch, length), k.reshape(b * self.num_heads, ch, length),
-                       v.reshape(b * self.num_heads, ch, length))
-        return self.c_proj(a.reshape(b, c, length))[:, :, 0]
+        a = _token_attention(_pointwise(self.qkv_proj, x.transpose(1, 2)), self.num_heads, legacy=False)
+        return _pointwise(self.c_proj, a[:, 0])  # Only the pooled token is used.
 
 #----------------------------------------------------------------------------
 

@@ -2,12 +2,14 @@
 
 Real-size networks with seeded random weights: EDM's CIFAR-10 DDPM++ EDMPrecond
 (55.7 M parameters), the 32x32 ADM classifier and the released head layout.
-Same process, same inputs; warm-up excluded; median of repeats.
+Same process, same inputs; warm-up excluded; median of repeats. --baseline adds
+guided sampling with the discriminator run as the DG release runs it.
 
-    python -m edm_dg.bench --batch=4 --steps=6 [--device=cuda --precision=bf16]
+    python -m edm_dg.bench --batch=4 --steps=6 [--baseline] [--device=cuda --precision=bf16]
 """
 
 import json
+import math
 import os
 import statistics
 import time
@@ -18,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from training import networks
 from . import vp
-from .adm import EncoderUNet
+from .adm import AttentionBlock, EncoderUNet
 from .discriminator import Discriminator, make_head
 from .precision import FastDiscriminator, FastNet, PRECISIONS, set_tf32
 from .sampler import dg_sampler, step_schedule
@@ -44,6 +46,52 @@ def released_discriminator(seed=0):
             if p.ndim > 1 and p.abs().sum() == 0:
                 p.normal_(0, 0.02)
     return Discriminator(cls, head).eval().requires_grad_(False)
+
+#----------------------------------------------------------------------------
+# The DG release's way of running the discriminator (baseline for both benchmarks).
+
+class _CheckpointAll(torch.autograd.Function):
+    """guided-diffusion's gradient checkpointing: no graph in the forward; the backward runs the
+    block again and differentiates it with respect to its input *and all its parameters*."""
+
+    @staticmethod
+    def forward(ctx, block, x, *params):
+        ctx.block, ctx.params = block, params
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return release_attention(block, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x = ctx.saved_tensors[0].detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = release_attention(ctx.block, x)
+        grads = torch.autograd.grad(out, (x, *ctx.params), grad, allow_unused=True)
+        return (None, *grads)
+
+def release_attention(block, x):
+    """guided-diffusion's AttentionBlock arithmetic: 1x1 convolutions and QKVAttentionLegacy's einsums."""
+    b, c, *spatial = x.shape
+    x = x.reshape(b, c, -1)
+    qkv = block.qkv(block.norm(x))
+    ch = c // block.num_heads
+    q, k, v = qkv.reshape(b * block.num_heads, ch * 3, -1).split(ch, dim=1)
+    scale = 1 / math.sqrt(math.sqrt(ch))
+    w = torch.einsum('bct,bcs->bts', q * scale, k * scale)
+    w = torch.softmax(w.float(), dim=-1).type(w.dtype)
+    h = block.proj_out(torch.einsum('bts,bcs->bct', w, v).reshape(b, c, -1))
+    return (x + h).reshape(b, c, *spatial)
+
+def release_style(disc):
+    """Run `disc` (in place) as the DG release does: every parameter trainable and every
+    attention block checkpointed with ADM's einsum attention."""
+    disc.requires_grad_(True)
+    for m in disc.modules():
+        if isinstance(m, AttentionBlock):
+            m.forward = (lambda m: lambda x: _CheckpointAll.apply(m, x, *m.parameters()))(m)
+    return disc
+
+#----------------------------------------------------------------------------
 
 def count_flops(fn):
     with FlopCounterMode(display=False) as counter:
@@ -98,7 +146,8 @@ def sync(device):
 @click.option('--channels_last', is_flag=True)
 @click.option('--compile', 'compile_nets', is_flag=True)
 @click.option('--w1', type=float, default=2.0, show_default=True)
-def main(device, batch, steps, repeats, precision, disc_precision, channels_last, compile_nets, w1):
+@click.option('--baseline', is_flag=True, help='Also time guided sampling with the discriminator run as the DG release runs it')
+def main(device, batch, steps, repeats, precision, disc_precision, channels_last, compile_nets, w1, baseline):
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     disc_precision = disc_precision or precision
     if 'tf32' in (precision, disc_precision):
@@ -110,24 +159,30 @@ def main(device, batch, steps, repeats, precision, disc_precision, channels_last
     run_net = FastNet(net, precision, channels_last, compile_nets) if fast or precision != 'fp32' else net
     run_disc = FastDiscriminator(disc, disc_precision, channels_last, compile_nets) if fast or disc_precision != 'fp32' else disc
     latents = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
-    def sample(guided):
+    def sample(guide):
         def fn():
             g = torch.Generator(device).manual_seed(1)
             with torch.no_grad():
                 dg_sampler(run_net, latents, None, lambda x: torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype),
-                           num_steps=steps, discriminator=run_disc if guided else None, dg_weight_1st_order=w1 if guided else 0)
+                           num_steps=steps, discriminator=guide, dg_weight_1st_order=w1 if guide is not None else 0)
             sync(device)
         return fn
-    (t_plain, t_guided), (_, ratio) = time_interleaved([sample(False), sample(True)], repeats)
+    runs = {'plain': sample(None), 'guided': sample(run_disc)}
+    if baseline:
+        runs['release-style guided'] = sample(release_style(released_discriminator().to(device)))
+    medians, ratios = time_interleaved(list(runs.values()), repeats)
     floor = fl_guided / fl_plain
     print(f'device={device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"}) '
           f'batch={batch} steps={steps} precision={precision} disc_precision={disc_precision} channels_last={channels_last} compile={compile_nets}')
     print(f'FLOPs per image: score net {f_net / 1e9:.1f} G per call; DG correction (fwd+bwd) {f_dg / 1e9:.1f} G per call')
-    print(f'{"":<10}{"s/run":>9}{"images/s":>10}')
-    print(f'{"plain":<10}{t_plain:>9.3f}{batch / t_plain:>10.2f}')
-    print(f'{"guided":<10}{t_guided:>9.3f}{batch / t_guided:>10.2f}')
+    print(f'{"":<22}{"s/run":>9}{"images/s":>10}{"vs plain":>10}')
+    for name, t, r in zip(runs, medians, ratios):
+        print(f'{name:<22}{t:>9.3f}{batch / t:>10.2f}{r:>10.3f}')
+    ratio = ratios[1]
     print(f'guided/plain time ratio {ratio:.3f} (median over {repeats} alternating rounds); FLOP floor {floor:.3f}; {100 * (ratio / floor - 1):+.1f}% above the floor')
-    return dict(plain=t_plain, guided=t_guided, ratio=ratio, floor=floor)
+    print(f'50,000 images (FID-50k) with --steps={steps} at these rates on one device: plain {50000 * medians[0] / batch / 3600:.1f} h, guided {50000 * medians[1] / batch / 3600:.1f} h')
+    return dict(plain=medians[0], guided=medians[1], ratio=ratio, floor=floor,
+                **(dict(release_style=medians[2], release_style_ratio=ratios[2]) if baseline else {}))
 
 if __name__ == '__main__':
     main()

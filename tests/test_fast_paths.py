@@ -98,3 +98,19 @@ def test_bench_rounds_interleave_and_ratio_is_per_round():
     (ta, tb), (one, ratio) = time_interleaved([a, b], repeats=3)
     assert calls == ['a', 'b'] * 4  # Warm-up round, then alternating.
     assert one == 1.0 and 0.01 <= ta < tb and 2.0 < ratio < 4.0
+
+def test_release_style_baseline_computes_the_same_guidance(nets):
+    """The benchmark's release-style discriminator (trainable, checkpointed einsum attention)
+    gives our guidance, and its attention blocks differentiate their parameters as guided-diffusion's do."""
+    import copy
+    from edm_dg.adm import AttentionBlock
+    from edm_dg.bench import release_style
+    _, disc = nets
+    base = release_style(copy.deepcopy(disc))
+    x, sigma = torch.randn(3, 3, 16, 16) * 2, torch.tensor([0.5, 2.0, 10.0])
+    (c1, l1), (c2, l2) = dg_correction(disc, x, sigma), dg_correction(base, x, sigma)
+    assert c1.abs().max() > 0 and (c1 - c2).abs().max() < 1e-5 * c1.abs().max() and (l1 - l2).abs().max() < 1e-5
+    block = next(m for m in base.modules() if isinstance(m, AttentionBlock))
+    x_vp = x.detach().requires_grad_(True)
+    base(x_vp, torch.full([3], 0.5)).sum().backward()
+    assert block.qkv.weight.grad is not None and block.qkv.weight.grad.abs().sum() > 0
