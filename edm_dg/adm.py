@@ -82,7 +82,7 @@ def _token_attention(qkv, num_heads, legacy):
     qkv: [B, T, 3 * C] from a token-major projection, its channels ordered
     heads x (q, k, v) x ch when legacy (AttentionBlock) or (q, k, v) x heads x ch
     (AttentionPool2d). Returns [B, T, C]. q, k, v are strided views and the
-    kernel writes its output token-major, so nothing is copied.
+    kernel writes its output token-major, so the forward makes no layout copies.
     """
     b, length, width = qkv.shape
     ch = width // (3 * num_heads)
