@@ -23,7 +23,7 @@ from edm_dg.cli import command_body
 from edm_dg.discriminator import load_discriminator
 from edm_dg.generate import generate
 from edm_dg.pickles import load_network_pickle
-from edm_dg.precision import PRECISIONS, FastDiscriminator, FastNet, set_tf32
+from edm_dg.precision import PRECISIONS, fast_paths
 
 #----------------------------------------------------------------------------
 
@@ -108,14 +108,9 @@ def run(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, disc_pat
         raise ValueError(f'{classifier_path}: classifier takes {disc.classifier.in_channels}x{disc.classifier.image_size}x{disc.classifier.image_size} '
                          f'images but {network_pkl} makes {net.img_channels}x{net.img_resolution}x{net.img_resolution}; pass a matching classifier')
 
-    if 'tf32' in (precision, disc_precision) and device.type == 'cuda':
-        set_tf32(True)
-    fast_net = FastNet(net, precision, channels_last, compile_nets, log=log) if (precision != 'fp32' or channels_last or compile_nets) else net
-    if disc is not None:
-        dp = disc_precision or precision
-        disc = FastDiscriminator(disc, dp, channels_last, compile_nets, log=log) if (dp != 'fp32' or channels_last or compile_nets) else disc
-        if dg_weight_1st_order is None:
-            dg_weight_1st_order = 1.0 if net.label_dim else 2.0
+    fast_net, disc = fast_paths(net, disc, precision, disc_precision, channels_last, compile_nets, log=log)
+    if disc is not None and dg_weight_1st_order is None:
+        dg_weight_1st_order = 1.0 if net.label_dim else 2.0
     sampler_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
     sampler_kwargs.update(discriminator=disc, dg_weight_1st_order=dg_weight_1st_order or 0.0)
 

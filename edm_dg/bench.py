@@ -22,7 +22,7 @@ from training import networks
 from . import vp
 from .adm import AttentionBlock, EncoderUNet
 from .discriminator import Discriminator, make_head
-from .precision import FastDiscriminator, FastNet, PRECISIONS, set_tf32
+from .precision import PRECISIONS, fast_paths
 from .sampler import dg_sampler, step_schedule
 
 LAYOUTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests', 'data', 'checkpoint_layouts.json')
@@ -150,14 +150,10 @@ def sync(device):
 def main(device, batch, steps, repeats, precision, disc_precision, channels_last, compile_nets, w1, baseline):
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     disc_precision = disc_precision or precision
-    if 'tf32' in (precision, disc_precision):
-        set_tf32(True)
     net = cifar10_ddpmpp().to(device)
     disc = released_discriminator().to(device)
     fl_plain, fl_guided, f_net, f_dg = flop_floor(net, disc, batch, steps, device, w1)
-    fast = channels_last or compile_nets
-    run_net = FastNet(net, precision, channels_last, compile_nets) if fast or precision != 'fp32' else net
-    run_disc = FastDiscriminator(disc, disc_precision, channels_last, compile_nets) if fast or disc_precision != 'fp32' else disc
+    run_net, run_disc = fast_paths(net, disc, precision, disc_precision, channels_last, compile_nets)
     latents = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     def sample(guide):
         def fn():
@@ -181,8 +177,7 @@ def main(device, batch, steps, repeats, precision, disc_precision, channels_last
     ratio = ratios[1]
     print(f'guided/plain time ratio {ratio:.3f} (median over {repeats} alternating rounds); FLOP floor {floor:.3f}; {100 * (ratio / floor - 1):+.1f}% above the floor')
     print(f'50,000 images (FID-50k) with --steps={steps} at these rates on one device: plain {50000 * medians[0] / batch / 3600:.1f} h, guided {50000 * medians[1] / batch / 3600:.1f} h')
-    return dict(plain=medians[0], guided=medians[1], ratio=ratio, floor=floor,
-                **(dict(release_style=medians[2], release_style_ratio=ratios[2]) if baseline else {}))
+    return dict(floor=floor, ratio=ratio, **{name: t for name, t in zip(runs, medians)})
 
 if __name__ == '__main__':
     main()

@@ -86,3 +86,16 @@ class FastDiscriminator(torch.nn.Module):
             x_vp = x_vp.to(memory_format=torch.channels_last)
         with autocast(x_vp.device.type, self.precision):
             return self._call(x_vp, tau, class_labels).float()
+
+def fast_paths(net, disc=None, precision='fp32', disc_precision=None, channels_last=False, compile=False, log=print):
+    """(net, disc) with the requested fast paths; each is returned as it is when none applies to it.
+    disc_precision defaults to precision; tf32 switches PyTorch's process-wide TF32 flags on."""
+    disc_precision = disc_precision or precision
+    if 'tf32' in (precision, disc_precision):
+        set_tf32(True)
+    eager = not (channels_last or compile)
+    if not (eager and precision == 'fp32'):
+        net = FastNet(net, precision, channels_last, compile, log)
+    if disc is not None and not (eager and disc_precision == 'fp32'):
+        disc = FastDiscriminator(disc, disc_precision, channels_last, compile, log)
+    return net, disc
