@@ -11,6 +11,8 @@ import click
 from torch_utils import distributed as dist
 from edm_dg import metrics
 from edm_dg.cli import command_body
+from edm_dg.options import dg_options, pop_sampler_options, runtime_options, sampler_options, sampler_settings
+from edm_dg.precision import fast_paths
 
 @click.group(help=__doc__)
 def main():
@@ -64,74 +66,81 @@ def ref(dataset_path, dest_path, batch, detector, device):
 #----------------------------------------------------------------------------
 # FID of DG samples: over discriminator epochs, and over a sampler setting.
 
-def _sampler_options(fn):
+def _dg_eval_options(fn):
+    """Options of `epochs` and `sweep` beyond the shared sampler, DG and runtime options."""
     opts = [
         click.option('--network', 'network_pkl', help='EDM network pickle', metavar='PATH|URL', required=True),
-        click.option('--classifier', 'classifier_path', help='ADM classifier of the discriminator', metavar='PATH', required=True),
         click.option('--ref', 'ref_path', help='Reference statistics (.npz with mu, sigma)', metavar='NPZ|URL', required=True),
         click.option('--outdir', help='Results folder (CSV, PNG, temporary images)', metavar='DIR', required=True),
-        click.option('--seeds', help='Sampling seeds, the same for every point', default='0-9999', show_default=True),
-        click.option('--batch', type=click.IntRange(min=1), default=64, show_default=True),
-        click.option('--steps', 'num_steps', type=click.IntRange(min=2), default=18, show_default=True),
-        click.option('--S_churn', 'S_churn', type=float, default=0, show_default=True),
-        click.option('--dg_weight_1st_order', type=float, default=None, help='[default: 2 uncond, 1 cond]'),
-        click.option('--dg_weight_2nd_order', type=float, default=0, show_default=True),
-        click.option('--time_min', type=float, default=0.01, show_default=True),
-        click.option('--time_max', type=float, default=1.0, show_default=True),
-        click.option('--boosting', type=click.IntRange(0, 1), default=0, show_default=True),
+        click.option('--seeds', help='Sampling seeds, the same for every point; disjoint from the seeds of the training fakes', metavar='LIST', default='100000-109999', show_default=True),
+        click.option('--batch', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True),
         click.option('--keep_images', is_flag=True, help='Keep each point\'s images (default: delete once its FID is recorded)'),
+        click.option('--allow_seed_overlap', is_flag=True, help='Evaluate even when --seeds overlap the seeds of the discriminator\'s training fakes (biased FID)'),
         DETECTOR,
-        click.option('--device', default=None, help='Device  [default: cuda if available]'),
-        click.option('--trust_pickle', is_flag=True, help="Use EDM's own unpickling for --network"),
     ]
     for o in reversed(opts):
         fn = o(fn)
-    return fn
+    return sampler_options(dg_options(runtime_options(fn)))
 
-def _prepare(network_pkl, ref_path, detector, device, trust_pickle, sampler, seeds):
+def _prepare(kw, disc_path, allow_seed_overlap):
+    """Device, networks, reference, detector, seeds and sampler settings of an `epochs`/`sweep` run."""
     from edm_dg.io import parse_seeds
-    from edm_dg.pickles import load_network_pickle
-    device = dist.init_device(device)
-    net = load_network_pickle(network_pkl, trust_pickle=trust_pickle).eval().requires_grad_(False).to(device)
-    ref = metrics.load_ref(ref_path)
-    det = metrics.load_detector(detector, device, log=dist.print0)
+    from edm_dg.models import load_models
+    from edm_dg.seed_provenance import check_overlap
+    seeds = parse_seeds(kw.pop('seeds'))
+    sampler_opts = pop_sampler_options(kw)
+    warning = check_overlap(disc_path, seeds)
+    if warning and not allow_seed_overlap:
+        raise ValueError(warning + '; or pass --allow_seed_overlap')
+    if warning:
+        dist.print0(f'Warning: {warning}')
+    device = dist.init_device(kw.pop('device'))
+    net, disc = load_models(kw.pop('network_pkl'), device, disc_path=disc_path, classifier_path=kw['classifier_path'],
+                            trust_pickle=kw.pop('trust_pickle'), lora_alpha=kw['lora_alpha'], disc_time=kw['disc_time'])
+    settings = sampler_settings(sampler_opts, net.label_dim, guided=True)
+    net, disc = fast_paths(net, disc, kw.pop('precision'), kw.pop('disc_precision'), kw.pop('channels_last'), kw.pop('compile_nets'))
+    ref = metrics.load_ref(kw.pop('ref_path'))
+    det = metrics.load_detector(kw.pop('detector'), device, log=dist.print0)
     dist.print0(f'Detector: {det.name}')
-    if sampler['dg_weight_1st_order'] is None:
-        sampler['dg_weight_1st_order'] = 1.0 if net.label_dim else 2.0
-    return device, net, ref, det, parse_seeds(seeds)
+    return device, net, disc, ref, det, seeds, settings
 
 @main.command()
 @click.option('--run', 'run_dir', help='train_disc.py run folder (disc-*.pt)', metavar='DIR', required=True)
 @click.option('--every', help='Evaluate every k-th checkpoint (and the last)', type=click.IntRange(min=1), default=1, show_default=True)
-@_sampler_options
+@_dg_eval_options
 @command_body
-def epochs(run_dir, every, network_pkl, classifier_path, ref_path, outdir, seeds, batch, detector, device, trust_pickle, keep_images, **sampler):
+def epochs(run_dir, every, outdir, batch, keep_images, allow_seed_overlap, **kw):
     """FID of guided samples for each discriminator checkpoint; CSV + plot, best epoch marked."""
-    from edm_dg.sweep import fid_over_epochs
-    device, net, ref, det, seeds = _prepare(network_pkl, ref_path, detector, device, trust_pickle, sampler, seeds)
-    rows, best = fid_over_epochs(net, run_dir, classifier_path, seeds, ref, det, outdir, device, sampler,
-                                 every=every, batch=batch, keep_images=keep_images, log=dist.print0)
+    from edm_dg.sweep import checkpoint_epochs, fid_over_epochs
+    if kw.get('disc_path'):
+        raise ValueError('--disc is not used by "epochs": it evaluates every disc-*.pt of --run; drop --disc')
+    if not kw.get('classifier_path'):
+        raise ValueError('--classifier is required: the ADM classifier the run was trained with')
+    last = checkpoint_epochs(run_dir, every)[-1][1]
+    device, net, _, ref, det, seeds, settings = _prepare(kw, last, allow_seed_overlap)
+    disc_kwargs = dict(lora_alpha=kw['lora_alpha'], time_schedule=kw['disc_time'])
+    rows, best = fid_over_epochs(net, run_dir, kw['classifier_path'], seeds, ref, det, outdir, device, settings,
+                                 every=every, batch=batch, keep_images=keep_images, log=dist.print0, disc_kwargs=disc_kwargs)
     dist.print0(f'Best epoch {best["epoch"]}: FID {float(best["fid"]):.4f} ({outdir}/fid_epochs.csv, fid_epochs.png)')
 
 @main.command()
-@click.option('--disc', 'disc_path', help='Discriminator checkpoint', metavar='PATH', required=True)
 @click.option('--param', help='Sampler setting to sweep (e.g. S_churn, boost_S_churn, dg_weight_1st_order, time_min)', required=True)
 @click.option('--values', help='Rough grid, comma-separated', required=True)
 @click.option('--refine', help='Then this many points between the best value\'s neighbours', type=click.IntRange(min=0), default=0, show_default=True)
-@_sampler_options
+@_dg_eval_options
 @command_body
-def sweep(disc_path, param, values, refine, network_pkl, classifier_path, ref_path, outdir, seeds, batch, detector, device, trust_pickle, keep_images, **sampler):
+def sweep(param, values, refine, outdir, batch, keep_images, allow_seed_overlap, **kw):
     """FID over a grid of one sampler setting (rough then fine); CSV + plot."""
-    from edm_dg.discriminator import load_discriminator
     from edm_dg.sweep import sweep as run_sweep
-    device, net, ref, det, seeds = _prepare(network_pkl, ref_path, detector, device, trust_pickle, sampler, seeds)
-    sampler['discriminator'] = load_discriminator(disc_path, classifier_path, device=device)
+    if not kw.get('disc_path'):
+        raise ValueError('--disc is required: the discriminator whose sampler setting is swept')
     try:
         vals = [float(v) for v in values.split(',')]
     except ValueError:
         raise ValueError(f'--values="{values}": expected comma-separated numbers') from None
-    rows, best = run_sweep(net, param, vals, seeds, ref, det, outdir, device, sampler, refine=refine, batch=batch,
-                           keep_images=keep_images, log=dist.print0)
+    device, net, disc, ref, det, seeds, settings = _prepare(kw, kw['disc_path'], allow_seed_overlap)
+    rows, best = run_sweep(net, param, vals, seeds, ref, det, outdir, device, dict(settings, discriminator=disc),
+                           refine=refine, batch=batch, keep_images=keep_images, log=dist.print0)
     dist.print0(f'Best {param}={best["value"]}: FID {float(best["fid"]):.4f} ({outdir}/sweep_{param}.csv)')
 
 if __name__ == '__main__':

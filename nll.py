@@ -2,7 +2,11 @@
 
 Probability-flow ODE with Hutchinson's trace estimator and uniform
 dequantisation; images are split over torchrun processes. Reports the mean and
-its standard error over images.
+its standard error over images. With --disc/--classifier the drift gains DG's
+term w * correction / sigma, like the sampler only while the VP time lies in
+[--time_min, --time_max]; its divergence is differentiated through the
+discriminator (attention in plain math there, as the fused kernels have no
+double backward).
 
 \b
   torchrun --standalone --nproc_per_node=8 nll.py --network=edm-cifar10-32x32-uncond-vp.pkl \\
@@ -10,6 +14,7 @@ its standard error over images.
 """
 
 import math
+import time
 
 import click
 import numpy as np
@@ -17,9 +22,9 @@ import torch
 import tqdm
 
 from torch_utils import distributed as dist
-from edm_dg import io as dgio
+from edm_dg import image_sets, io as dgio
 from edm_dg.cli import command_body
-from edm_dg.discriminator import load_discriminator
+from edm_dg.disc_checkpoint import load_discriminator
 from edm_dg.nll import bits_per_dim, dequantize, log_likelihood
 from edm_dg.pickles import load_network_pickle
 
@@ -32,12 +37,24 @@ from edm_dg.pickles import load_network_pickle
 @click.option('--seed', help='Seed for subset, dequantisation and probes', type=int, default=0, show_default=True)
 @click.option('--disc', 'disc_path', help='Discriminator for DG in the drift', metavar='PATH', default=None)
 @click.option('--classifier', 'classifier_path', help='Its ADM classifier', metavar='PATH', default=None)
-@click.option('--w', 'dg_weight', help='DG weight in the drift', type=float, default=0.0, show_default=True)
+@click.option('--dg_weight_1st_order', '--w', 'dg_weight', help='DG weight w in the drift  [default: 0 without --disc; '
+              'with --disc 2 for an unconditional and 1 for a conditional net, as generate_dg.py]', metavar='FLOAT', type=float, default=None)
+@click.option('--time_min', help='DG term zero below this VP time, as in the sampler', metavar='FLOAT',
+              type=click.FloatRange(min=0, max=1), default=0.01, show_default=True)
+@click.option('--time_max', help='DG term zero above this VP time, as in the sampler', metavar='FLOAT',
+              type=click.FloatRange(min=0, max=1), default=1.0, show_default=True)
 @click.option('--json', 'json_out', help='Write results to this JSON file', metavar='PATH', default=None)
 @click.option('--device', default=None, help='Device  [default: cuda if available]')
 @click.option('--trust_pickle', is_flag=True, help="Use EDM's own unpickling (executes code in the file)")
 @command_body
-def main(network_pkl, data, num, batch, num_steps, seed, disc_path, classifier_path, dg_weight, json_out, device, trust_pickle):
+def main(network_pkl, data, num, batch, num_steps, seed, disc_path, classifier_path, dg_weight, time_min, time_max,
+         json_out, device, trust_pickle):
+    if disc_path is None and classifier_path is not None:
+        raise ValueError(f'--classifier={classifier_path} without --disc; pass the discriminator head as --disc too')
+    if disc_path is None and dg_weight:
+        raise ValueError(f'--dg_weight_1st_order={dg_weight} needs a discriminator; pass --disc and --classifier')
+    if time_min > time_max:
+        raise ValueError(f'--time_min={time_min} is above --time_max={time_max}; pass time_min <= time_max')
     device = dist.init_device(device)
     net = load_network_pickle(network_pkl, trust_pickle=trust_pickle).eval().requires_grad_(False).to(device)
     disc = None
@@ -45,14 +62,18 @@ def main(network_pkl, data, num, batch, num_steps, seed, disc_path, classifier_p
         if not classifier_path:
             raise ValueError(f'{disc_path}: pass --classifier too')
         disc = load_discriminator(disc_path, classifier_path, device=device)
-    src = dgio.ImageSource(data)
-    idx = dgio.subset_indices(len(src), num, seed)
+        if dg_weight is None:
+            dg_weight = 1.0 if net.label_dim else 2.0
+    dg_weight = float(dg_weight or 0.0)
+    src = image_sets.ImageSource(data)
+    idx = image_sets.subset_indices(len(src), num, seed)
     labels_all = src.labels(idx) if net.label_dim else None
     if net.label_dim and labels_all is None:
         raise ValueError(f'{data}: conditional network needs labels (dataset.json)')
     rank, world = dist.get_rank(), dist.get_world_size()
     chunks = [(i, idx[i:i + batch]) for i in range(0, len(idx), batch)][rank::world]
     results = []
+    t0 = time.perf_counter()
     for start, chunk in tqdm.tqdm(chunks, desc='nll', disable=rank != 0, dynamic_ncols=True):
         x_u8 = src.images(chunk).to(device)
         if x_u8.shape[1:] != (net.img_channels, net.img_resolution, net.img_resolution):
@@ -62,17 +83,24 @@ def main(network_pkl, data, num, batch, num_steps, seed, disc_path, classifier_p
         y = None
         if net.label_dim:
             y = torch.eye(net.label_dim, device=device)[labels_all[start:start + len(chunk)].to(device)]
-        lp = log_likelihood(net, dequantize(x_u8, g), y, num_steps=num_steps, generator=g,
-                            discriminator=disc, w=dg_weight, disc_labels=y)
+        lp = log_likelihood(net, dequantize(x_u8, g), y, num_steps=num_steps, generator=g, discriminator=disc,
+                            w=dg_weight, disc_labels=y, time_min=time_min, time_max=time_max)
         results.extend(bits_per_dim(lp, x_u8[0].numel()).cpu().tolist())
+    seconds = time.perf_counter() - t0
     allr = [v for part in dist.all_gather_object(results) for v in part]
+    process_seconds = sum(dist.all_gather_object(seconds))
     mean = float(np.mean(allr))
     se = float(np.std(allr, ddof=1) / math.sqrt(len(allr))) if len(allr) > 1 else float('nan')
     if rank == 0:
-        print(f'NLL: {mean:.4f} +- {se:.4f} bits/dim (mean +- s.e., {len(allr)} images, {num_steps} steps, w={dg_weight})')
+        window = f', VP time window [{time_min}, {time_max}]' if disc is not None else ''
+        print(f'NLL: {mean:.4f} +- {se:.4f} bits/dim (mean +- s.e., {len(allr)} images, {num_steps} steps, '
+              f'w={dg_weight}{window}; {process_seconds / len(allr):.3g} s/image per process)')
         if json_out:
-            dgio.atomic_write_json(json_out, dict(bpd_mean=mean, bpd_se=se, n=len(allr), steps=num_steps, w=dg_weight,
-                                                  network=network_pkl, data=data, disc=disc_path))
+            dgio.atomic_write_json(json_out, dict(
+                bpd_mean=mean, bpd_se=se if len(allr) > 1 else None, n=len(allr), bpd=allr, steps=num_steps, seed=seed, batch=batch,
+                dg_weight_1st_order=dg_weight, w=dg_weight, time_min=time_min, time_max=time_max,
+                network=network_pkl, data=data, disc=disc_path, classifier=classifier_path,
+                processes=world, sec_per_image=process_seconds / len(allr)), indent=2)
 
 if __name__ == '__main__':
     main()

@@ -18,7 +18,7 @@ from edm_dg.io import atomic_write_json
 @click.command(help=__doc__)
 @click.option('--a', 'a_path', help='Values of group A (CSV or JSON)', metavar='PATH', required=True)
 @click.option('--b', 'b_path', help='Values of group B (CSV or JSON)', metavar='PATH', default=None)
-@click.option('--column', help='CSV column / JSON key holding the values', default='fid', show_default=True)
+@click.option('--column', help='CSV column (header row) / JSON key holding the values', default='fid', show_default=True)
 @click.option('--baseline', help='Value for the one-sample t-test (e.g. 1.96)', type=float, default=None)
 @click.option('--paired', help='Also a paired t-test (same seeds in A and B)', is_flag=True)
 @click.option('--confidence', help='Bootstrap confidence level', type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95, show_default=True)
@@ -26,8 +26,8 @@ from edm_dg.io import atomic_write_json
 @click.option('--json', 'json_out', help='Write the report as JSON', metavar='PATH', default=None)
 def main(a_path, b_path, column, baseline, paired, confidence, seed, json_out):
     try:
-        a = stats.read_values(a_path, column)
-        b = stats.read_values(b_path, column) if b_path else None
+        a = stats.read_values(a_path, column, '--a')
+        b = stats.read_values(b_path, column, '--b') if b_path else None
         r = stats.report(a, b, baseline, confidence, seed, paired)
     except ValueError as e:
         raise click.ClickException(str(e))
@@ -44,7 +44,10 @@ def main(a_path, b_path, column, baseline, paired, confidence, seed, json_out):
     if 'paired' in r:
         print(f'paired t-test A vs B: t={r["paired"]["t"]:.3f} p={r["paired"]["p"]:.3g}')
     if json_out:
-        atomic_write_json(json_out, r, indent=2)
+        try:
+            atomic_write_json(json_out, r, indent=2)
+        except OSError as e:
+            raise click.ClickException(f'{json_out}: cannot write the report ({e.strerror or type(e).__name__}); choose another --json')
 
 if __name__ == '__main__':
     main()

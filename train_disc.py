@@ -1,9 +1,13 @@
 """Train a DG discriminator: frozen ADM classifier features + a shallow head (optionally LoRA).
 
-Real images come from an EDM dataset (zip or folder with dataset.json), the DG
-release's .npz files or an image folder; fake images from a generate_dg.py
-output folder or its .npz shards. One checkpoint per epoch, each usable as
-`generate_dg.py --disc`. Rerun with --resume to continue an interrupted run.
+Real images come from an EDM dataset (zip or folder with dataset.json), an
+image folder or the DG release's true_data.npz; fake images from a
+generate_dg.py output folder or its .npz shards, or the release's samples_*.npz
+folder (its sample_*.png grid previews are skipped) or
+gen_data_for_discriminator_training.npz. One-hot labels are read by argmax.
+One checkpoint per epoch, each usable as `generate_dg.py --disc`; each records
+the seeds its fakes came from (fake_seeds) when the file names or shards say.
+Rerun with --resume to continue an interrupted run.
 
 \b
   torchrun --standalone --nproc_per_node=8 train_disc.py --real=datasets/cifar10-32x32.zip \\
@@ -17,8 +21,8 @@ from edm_dg.cli import command_body
 from edm_dg.disc_training import train
 
 @click.command(help=__doc__)
-@click.option('--real',        help='Real images: EDM dataset zip/folder, .npz, or image folder', metavar='PATH', required=True)
-@click.option('--fake',        help='Generated images: generate_dg.py folder, .npz file or shard folder', metavar='PATH', required=True)
+@click.option('--real',        help='Real images: EDM dataset zip/folder, image folder, or .npz (e.g. the release\'s true_data.npz)', metavar='PATH', required=True)
+@click.option('--fake',        help='Generated images: generate_dg.py folder, .npz file, or folder of .npz shards (edm-dg\'s or the release\'s samples_*.npz)', metavar='PATH', required=True)
 @click.option('--classifier', 'classifier_path', help='ADM classifier used as frozen feature extractor', metavar='PATH', required=True)
 @click.option('--outdir',      help='Run folder (checkpoints, metrics.jsonl, training-curves.png)', metavar='DIR', required=True)
 @click.option('--epochs',      help='Number of epochs (release: 60 uncond, 250 cond)', type=click.IntRange(min=1), default=60, show_default=True)

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from edm_dg.bench import cifar10_ddpmpp, released_discriminator
 from training.loss import EDMLoss
-from training.training_loop import save_snapshot
+from edm_dg.train_base import save_snapshot
 
 def write_networks(tmp):
     paths = dict(net=os.path.join(tmp, 'net.pkl'), classifier=os.path.join(tmp, 'classifier.pt'), disc=os.path.join(tmp, 'head.pt'))

@@ -1,152 +1,169 @@
-"""Miscellaneous utilities shared with NVlabs' EDM (same names, same behaviour)."""
+"""The parts of NVlabs' `dnnlib.util` that EDM pickles and this project rely on.
 
+EDM pickles store `dataset_kwargs` as `dnnlib.util.EasyDict`, and EDM's tools
+open networks, detectors and reference statistics through `open_url`; the same
+names live here. Downloads are cached the way EDM caches them (file name
+`<md5 of the URL>_<sanitised name>` in `<cache>/downloads`), so a cache
+directory can be shared with EDM.
+"""
+
+import glob
 import hashlib
-import html
 import io
 import os
 import re
 import tempfile
+import time
 import urllib.parse
 import uuid
-from typing import Any
 
 import requests
 
 #----------------------------------------------------------------------------
 
 class EasyDict(dict):
-    """Dict whose keys are also attributes."""
+    """A dict whose keys can also be read and written as attributes."""
 
-    def __getattr__(self, name: str) -> Any:
-        try:
+    def __getattr__(self, name):
+        if name in self:
             return self[name]
-        except KeyError:
-            raise AttributeError(name)
+        raise AttributeError(name)
 
-    def __setattr__(self, name: str, value: Any) -> None:
+    def __setattr__(self, name, value):
         self[name] = value
 
-    def __delattr__(self, name: str) -> None:
+    def __delattr__(self, name):
+        if name not in self:
+            raise AttributeError(name)
         del self[name]
 
 #----------------------------------------------------------------------------
+# Cache directory.
 
-_dnnlib_cache_dir = None
+_cache_dir_override = None
 
-def set_cache_dir(path: str) -> None:
-    global _dnnlib_cache_dir
-    _dnnlib_cache_dir = path
+def set_cache_dir(path):
+    """Use `path` as the cache root (None: back to the environment's default)."""
+    global _cache_dir_override
+    _cache_dir_override = path
 
-def make_cache_dir_path(*paths: str) -> str:
-    """Cache location: set_cache_dir(), $DNNLIB_CACHE_DIR, $HOME/.cache/dnnlib, or the temp dir."""
-    if _dnnlib_cache_dir is not None:
-        return os.path.join(_dnnlib_cache_dir, *paths)
-    if 'DNNLIB_CACHE_DIR' in os.environ:
+def make_cache_dir_path(*paths):
+    """A path under the cache root.
+
+    The root is the first available of: set_cache_dir(), $DNNLIB_CACHE_DIR,
+    $HOME/.cache/dnnlib, $USERPROFILE/.cache/dnnlib, <temp dir>/.cache/dnnlib.
+    """
+    if _cache_dir_override is not None:
+        return os.path.join(_cache_dir_override, *paths)
+    if os.environ.get('DNNLIB_CACHE_DIR'):
         return os.path.join(os.environ['DNNLIB_CACHE_DIR'], *paths)
-    if 'HOME' in os.environ:
-        return os.path.join(os.environ['HOME'], '.cache', 'dnnlib', *paths)
-    if 'USERPROFILE' in os.environ:
-        return os.path.join(os.environ['USERPROFILE'], '.cache', 'dnnlib', *paths)
-    return os.path.join(tempfile.gettempdir(), '.cache', 'dnnlib', *paths)
+    home = os.environ.get('HOME') or os.environ.get('USERPROFILE') or tempfile.gettempdir()
+    return os.path.join(home, '.cache', 'dnnlib', *paths)
 
 #----------------------------------------------------------------------------
+# Opening paths and URLs.
 
-def is_url(obj: Any, allow_file_urls: bool = False) -> bool:
-    """True if obj looks like an http(s) URL (or file:// when allowed)."""
-    if not isinstance(obj, str) or not "://" in obj:
+def is_url(obj, allow_file_urls=False):
+    """Whether obj is an http(s) URL with a host name (or a file:// URL when allowed)."""
+    if not isinstance(obj, str):
         return False
-    if allow_file_urls and obj.startswith('file://'):
-        return True
+    if obj.startswith('file://'):
+        return allow_file_urls
     try:
-        res = urllib.parse.urlparse(obj)
-        if not res.scheme or not res.netloc or not "." in res.netloc:
-            return False
-        res = urllib.parse.urlparse(urllib.parse.urljoin(obj, "/"))
-        if not res.scheme or not res.netloc or not "." in res.netloc:
-            return False
-    except Exception:
+        parts = urllib.parse.urlsplit(obj)
+    except ValueError:
         return False
-    return True
+    return parts.scheme in ('http', 'https') and '.' in (parts.hostname or '')
 
-def _url_cache_file(url: str, cache_dir: str) -> str:
-    url_md5 = hashlib.md5(url.encode("utf-8")).hexdigest()
-    safe_name = re.sub(r"[^0-9a-zA-Z-._]", "_", url.split('/')[-1].split('?')[0])[:64]
-    return os.path.join(cache_dir, f'{url_md5}_{safe_name}')
-
-def open_url(url: str, cache_dir: str = None, num_attempts: int = 10, verbose: bool = True,
-             return_filename: bool = False, cache: bool = True, session=None) -> Any:
-    """Open a local path, file:// URL or http(s) URL as a binary file object.
-
-    Downloads are cached in `cache_dir` (default: make_cache_dir_path('downloads'))
-    and written atomically. Offline, a cached copy is used; otherwise an OSError
-    says which URL failed and how to provide the file by hand.
-    """
-    assert num_attempts >= 1
-    assert not (return_filename and (not cache))
-
-    if not re.match('^[a-z]+://', url):
-        if not os.path.isfile(url):
-            raise FileNotFoundError(f'{url}: no such file')
-        return url if return_filename else open(url, "rb")
+def _local_path(url):
+    """The file named by a plain path or a file:// URL; None for other URLs."""
     if url.startswith('file://'):
-        filename = urllib.parse.urlparse(url).path
-        if re.match(r'^/[a-zA-Z]:', filename):
-            filename = filename[1:]
-        return filename if return_filename else open(filename, "rb")
+        path = urllib.parse.unquote(urllib.parse.urlsplit(url).path)
+        if re.match(r'^/[A-Za-z]:[/\\]', path):
+            path = path[1:]  # file:///C:/x on Windows names C:/x.
+        return path
+    return None if re.match(r'^[A-Za-z][A-Za-z0-9+.-]*://', url) else url
 
-    assert is_url(url)
-    if cache_dir is None:
-        cache_dir = make_cache_dir_path('downloads')
-    cache_file = _url_cache_file(url, cache_dir)
-    if cache and os.path.isfile(cache_file):
-        return cache_file if return_filename else open(cache_file, "rb")
+def _cache_name(url):
+    digest = hashlib.md5(url.encode('utf-8')).hexdigest()
+    base = url.split('?')[0].rstrip('/').split('/')[-1]
+    return digest, f'{digest}_{re.sub(r"[^0-9A-Za-z._-]", "_", base)[:64]}'
 
-    url_data = None
+def _fetch(url, num_attempts, session, verbose):
+    """Bytes of an http(s) URL; a few retries for server-side errors, none when offline."""
     last_error = None
-    with (session or requests.Session()) as sess:
+    for attempt in range(num_attempts):
+        if attempt:
+            time.sleep(min(2 ** attempt, 30))
+        try:
+            with session.get(url, timeout=60) as response:
+                response.raise_for_status()
+                if not response.content:
+                    raise OSError('empty response')
+                return response.content
+        except KeyboardInterrupt:
+            raise
+        except requests.exceptions.HTTPError as e:
+            last_error = e
+            if e.response is not None and e.response.status_code < 500:
+                break  # 4xx: the request itself is wrong, asking again will not help.
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
+            last_error = e
+            break  # No route to the server: retrying only delays the message.
+        except Exception as e:  # Truncated transfer, empty body, ...
+            last_error = e
         if verbose:
-            print(f"Downloading {url} ...", end="", flush=True)
-        for attempts_left in reversed(range(num_attempts)):
-            try:
-                with sess.get(url, timeout=60) as res:
-                    res.raise_for_status()
-                    if len(res.content) == 0:
-                        raise IOError("No data received")
-                    if len(res.content) < 8192:
-                        content_str = res.content.decode("utf-8", errors="replace")
-                        if "download_warning" in res.headers.get("Set-Cookie", ""):
-                            links = [html.unescape(link) for link in content_str.split('"') if "export=download" in link]
-                            if len(links) == 1:
-                                url = urllib.parse.urljoin(url, links[0])
-                                raise IOError("Google Drive virus checker nag")
-                        if "Google Drive - Quota exceeded" in content_str:
-                            raise IOError("Google Drive download quota exceeded -- please try again later")
-                    url_data = res.content
-                    if verbose:
-                        print(" done")
-                    break
-            except KeyboardInterrupt:
-                raise
-            except requests.exceptions.HTTPError as e:
-                last_error = e
-                if e.response is not None and 400 <= e.response.status_code < 500:
-                    break  # A client error will not go away by retrying.
-            except Exception as e:
-                last_error = e
-                if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
-                    break  # Offline: retrying only delays the error.
-        if url_data is None:
-            if verbose:
-                print(" failed")
-            raise OSError(f'{url}: download failed ({type(last_error).__name__}); '
-                          f'if offline, download it elsewhere and pass the local path instead')
+            print(f'  attempt {attempt + 1} of {num_attempts} failed: {type(last_error).__name__}', flush=True)
+    raise OSError(f'{url}: download failed ({type(last_error).__name__}); '
+                  f'if offline, download it elsewhere and pass the local path instead')
 
+def open_url(url, cache_dir=None, num_attempts=10, verbose=True, return_filename=False, cache=True, session=None):
+    """Open a local path, a file:// URL or an http(s) URL for binary reading.
+
+    Returns a file object, or with `return_filename` a path (downloads then must
+    be cached). Downloads go to `cache_dir` (default make_cache_dir_path('downloads'))
+    and are reused from there, also offline. Errors: FileNotFoundError for a
+    missing local file, OSError naming the URL when a download fails.
+    """
+    if num_attempts < 1:
+        raise ValueError('num_attempts must be at least 1')
+    if return_filename and not cache:
+        raise ValueError('return_filename needs cache=True: a download must be stored somewhere')
+    path = _local_path(url)
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'{url}: no such file')
+        return path if return_filename else open(path, 'rb')
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ('http', 'https') or not parts.hostname:
+        raise ValueError(f'{url}: not a file path, file:// URL or http(s) URL')
+
+    cache_dir = make_cache_dir_path('downloads') if cache_dir is None else cache_dir
+    digest, name = _cache_name(url)
     if cache:
-        os.makedirs(cache_dir, exist_ok=True)
-        temp_file = os.path.join(cache_dir, "tmp_" + uuid.uuid4().hex + "_" + os.path.basename(cache_file))
-        with open(temp_file, "wb") as f:
-            f.write(url_data)
-        os.replace(temp_file, cache_file)
-        if return_filename:
-            return cache_file
-    return io.BytesIO(url_data)
+        hits = sorted(glob.glob(os.path.join(glob.escape(cache_dir), digest + '_*')))
+        if hits:
+            return hits[0] if return_filename else open(hits[0], 'rb')
+
+    if verbose:
+        print(f'Downloading {url} ...', flush=True)
+    if session is None:
+        with requests.Session() as own_session:
+            data = _fetch(url, num_attempts, own_session, verbose)
+    else:
+        data = _fetch(url, num_attempts, session, verbose)
+    if not cache:
+        return io.BytesIO(data)
+
+    # Write under a temporary name, then rename: readers never see half a file.
+    os.makedirs(cache_dir, exist_ok=True)
+    final = os.path.join(cache_dir, name)
+    partial = os.path.join(cache_dir, f'tmp_{uuid.uuid4().hex}_{name}')
+    try:
+        with open(partial, 'wb') as f:
+            f.write(data)
+        os.replace(partial, final)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return final if return_filename else io.BytesIO(data)

@@ -1,6 +1,6 @@
 """edm-dg: Discriminator Guidance on NVIDIA's EDM codebase."""
 
-from .sampler import dg_sampler, dg_correction
-from .discriminator import Discriminator, load_discriminator, load_classifier
+from .guidance import DGDenoiser, dg_correction
+from .sampler import dg_sampler
 
-__all__ = ['dg_sampler', 'dg_correction', 'Discriminator', 'load_discriminator', 'load_classifier']
+__all__ = ['DGDenoiser', 'dg_correction', 'dg_sampler']

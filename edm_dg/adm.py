@@ -5,6 +5,8 @@ discriminator heads load with `strict=True`. Time input is VP time in [0, 1];
 it is multiplied by 999 before the sinusoidal embedding (DG convention).
 """
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -76,8 +78,41 @@ class ResBlock(TimestepBlock):
             h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
 
+_MATH_ATTENTION = contextvars.ContextVar('edm_dg_adm_math_attention', default=False)
+
+@contextlib.contextmanager
+def math_attention(enabled=True):
+    """Inside this block ADM attention is plain autograd math instead of the fused kernel.
+
+    The fused scaled_dot_product_attention kernels (flash / memory-efficient on
+    CUDA, flash on CPU) have no double backward, so anything that differentiates
+    a gradient of an ADM network (the NLL's Hutchinson divergence of the DG
+    correction, taken with create_graph=True) must run its forward in here. The
+    math path computes softmax(q k^T / sqrt(ch)) v in float32 (float64 stays
+    float64) from the same strided q/k/v, so it agrees with the fused path to
+    float32 rounding; it is slower and materialises the [T, T] weights, so the
+    sampler keeps the fused kernel. Per thread / task (a context variable);
+    `math_attention(False)` switches back inside an enclosing block.
+    """
+    token = _MATH_ATTENTION.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _MATH_ATTENTION.reset(token)
+
+def math_attention_enabled():
+    return _MATH_ATTENTION.get()
+
+def _attention_by_autograd(q, k, v):
+    """softmax(q k^T / sqrt(ch)) v on [B, H, T, ch] with ordinary (arbitrarily differentiable) ops."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scale = q.shape[-1] ** -0.5
+    weights = torch.softmax(torch.matmul(q.to(dtype) * scale, k.to(dtype).transpose(-2, -1)), dim=-1)
+    return torch.matmul(weights, v.to(dtype)).to(q.dtype)
+
 def _token_attention(qkv, num_heads, legacy):
-    """Multi-head softmax(q k^T / sqrt(ch)) v over tokens (ADM's math, fused kernel).
+    """Multi-head softmax(q k^T / sqrt(ch)) v over tokens (ADM's math; fused kernel unless
+    `math_attention()` is active).
 
     qkv: [B, T, 3 * C] from a token-major projection, its channels ordered
     heads x (q, k, v) x ch when legacy (AttentionBlock) or (q, k, v) x heads x ch
@@ -88,7 +123,8 @@ def _token_attention(qkv, num_heads, legacy):
     ch = width // (3 * num_heads)
     qkv = qkv.view(b, length, num_heads, 3, ch) if legacy else qkv.view(b, length, 3, num_heads, ch).transpose(2, 3)
     q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, length, num_heads * ch)
+    attend = _attention_by_autograd if _MATH_ATTENTION.get() else F.scaled_dot_product_attention
+    return attend(q, k, v).transpose(1, 2).reshape(b, length, num_heads * ch)
 
 def _pointwise(conv, tokens):
     """A 1x1 Conv1d applied to token-major [B, T, C]: one GEMM (on CPU about twice as fast as
@@ -135,7 +171,7 @@ class AttentionPool2d(nn.Module):
 #----------------------------------------------------------------------------
 
 def channel_mult_for(image_size):
-    """Channel multipliers by input size (COMPAT §4; guided-diffusion plus DG's small sizes)."""
+    """Channel multipliers by input size (docs/compat.md §4; guided-diffusion plus DG's small sizes)."""
     table = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4),
              64: (1, 2, 3, 4), 32: (1, 2, 4), 16: (1, 2), 8: (1,)}
     if image_size not in table:

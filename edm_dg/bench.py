@@ -8,9 +8,7 @@ guided sampling with the discriminator run as the DG release runs it.
     python -m edm_dg.bench --batch=4 --steps=6 [--baseline] [--device=cuda --precision=bf16]
 """
 
-import json
 import math
-import os
 import statistics
 import time
 
@@ -22,24 +20,19 @@ from training import networks
 from . import vp
 from .adm import AttentionBlock, EncoderUNet
 from .discriminator import Discriminator, make_head
+from .layouts import ADM_CLASSIFIERS, edm_network
 from .precision import PRECISIONS, fast_paths
 from .sampler import dg_sampler, step_schedule
-
-LAYOUTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests', 'data', 'checkpoint_layouts.json')
 
 def cifar10_ddpmpp(seed=0, label_dim=0):
     """EDM's CIFAR-10 DDPM++ configuration (train.py --arch=ddpmpp --precond=edm)."""
     torch.manual_seed(seed)
-    return networks.EDMPrecond(img_resolution=32, img_channels=3, label_dim=label_dim, model_type='SongUNet',
-                               embedding_type='positional', encoder_type='standard', decoder_type='standard',
-                               channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2],
-                               dropout=0.13).eval().requires_grad_(False)
+    cls, kwargs = edm_network('cifar10-32x32-uncond-vp', label_dim=label_dim)
+    return getattr(networks, cls)(**kwargs).eval().requires_grad_(False)
 
 def released_discriminator(seed=0):
-    with open(LAYOUTS) as f:
-        args = json.load(f)['adm_classifier_32x32']['create_classifier_args']
     torch.manual_seed(seed)
-    cls = EncoderUNet.from_create_classifier_args(**args)
+    cls = EncoderUNet.from_create_classifier_args(**ADM_CLASSIFIERS['32x32_classifier'])
     head = make_head(cls.feature_channels, cls.feature_resolution)
     with torch.no_grad():  # Random but non-degenerate: guided-diffusion zero-initialises some output layers.
         for p in list(cls.parameters()) + list(head.parameters()):

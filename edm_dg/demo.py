@@ -63,7 +63,7 @@ def script(name):
 
 def build_models(models_dir, images, labels, toy, log=print):
     """Train the base EDM model, the ADM feature extractor and the FID feature net (make demo-from-scratch)."""
-    from training.training_loop import train_edm
+    from .train_base import train_edm
     from .train_classifier import train_classifier
     os.makedirs(models_dir, exist_ok=True)
     train_edm(images, labels, os.path.join(models_dir, BASE_PKL), steps=20 if toy else 400, batch=64 if toy else 256,

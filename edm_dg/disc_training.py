@@ -1,4 +1,4 @@
-"""Discriminator training (COMPAT §5): real vs. generated images through frozen ADM features.
+"""Discriminator training (docs/compat.md §5): real vs. generated images through frozen ADM features.
 
 Every random draw (epoch permutation, VP times, noise) comes from generators
 seeded by (seed, epoch, rank), so a run resumed from an epoch checkpoint
@@ -17,10 +17,12 @@ from torch.nn import functional as F
 
 from torch_utils import distributed as dist
 from . import io as dgio
+from . import seed_provenance
 from . import lora as lora_lib
 from . import vp
-from .discriminator import (Discriminator, discriminator_checkpoint, load_classifier, make_head,
-                            default_time_schedule)
+from .image_sets import load_image_set
+from .disc_checkpoint import discriminator_checkpoint, load_classifier
+from .discriminator import Discriminator, make_head, default_time_schedule
 from .precision import autocast
 
 STATE_FILE = 'training-state.pt'
@@ -29,9 +31,12 @@ STATE_FILE = 'training-state.pt'
 # Data.
 
 def load_pair(real_path, fake_path, num=None, cond=False, log=print):
-    """Real and fake uint8 image tensors with equal counts (and int labels when cond)."""
-    real, real_labels = dgio.load_image_set(real_path)
-    fake, fake_labels = dgio.load_image_set(fake_path)
+    """Real and fake uint8 image tensors with equal counts (and int labels when cond).
+
+    The first n images of each source are used (n = --num, or the smaller count).
+    """
+    real, real_labels = load_image_set(real_path, log=log)
+    fake, fake_labels = load_image_set(fake_path, log=log)
     if real.shape[1:] != fake.shape[1:]:
         raise ValueError(f'{fake_path}: images are {list(fake.shape[1:])} (C,H,W) but {real_path} has {list(real.shape[1:])}; '
                          f'generate fakes at the real data\'s resolution and channel count')
@@ -52,6 +57,17 @@ def load_pair(real_path, fake_path, num=None, cond=False, log=print):
     images = torch.cat([real, fake])
     targets = torch.cat([torch.ones(n), torch.zeros(n)])
     return images, targets, labels
+
+def fake_seed_ranges(fake_path, n, log=print):
+    """Seed ranges of the first n fakes (what load_pair uses), or None when the source does not record seeds."""
+    seeds = seed_provenance.source_seeds(fake_path)
+    if seeds is None:
+        log(f'{fake_path}: the seeds of these fakes are unknown (not generate_dg.py file names or edm-dg shards); '
+            f'checkpoints record {seed_provenance.FIELD}=None')
+        return None
+    ranges = seed_provenance.compress_ranges(seeds[:n])
+    log(f'Fakes come from seeds {seed_provenance.format_ranges(ranges)}; sample and evaluate with other seeds.')
+    return ranges
 
 def to_float(images_u8):
     """uint8 [N,C,H,W] -> float in [-1, 1] (generate_dg.py's inverse up to rounding)."""
@@ -144,6 +160,8 @@ def train(outdir, real, fake, classifier_path, *, epochs=60, batch=128, lr=3e-4,
           stop_after_steps=None):
     """Train a discriminator; writes disc-EEEE.pt per snapshot, metrics.jsonl, training-curves.png.
 
+    Each checkpoint records the seeds of its fakes (`fake_seeds`, see seed_provenance).
+
     Returns the path of the last checkpoint. `stop_after_steps` ends the run
     early (used to test resuming).
     """
@@ -163,6 +181,7 @@ def train(outdir, real, fake, classifier_path, *, epochs=60, batch=128, lr=3e-4,
         raise ValueError(f'{outdir}: already holds a training run; pass --resume to continue it or choose another --outdir')
 
     images, targets, labels = load_pair(real, fake, num, cond, log)
+    fake_seeds = fake_seed_ranges(fake, len(images) // 2, log)
     disc, sha, cls_args = build(classifier_path, cond, lora_rank, lora_alpha, head_width, head_depth, num_classes, seed)
     if images.shape[1] != disc.classifier.in_channels or images.shape[2] != disc.classifier.image_size:
         raise ValueError(f'{classifier_path}: classifier takes {disc.classifier.in_channels}x{disc.classifier.image_size}x'
@@ -233,7 +252,8 @@ def train(outdir, real, fake, classifier_path, *, epochs=60, batch=128, lr=3e-4,
         rec = dict(epoch=epoch + 1, loss=s[0] / max(s[2] + s[4], 1), acc_real=s[1] / max(s[2], 1),
                    acc_fake=s[3] / max(s[4], 1), seconds=secs, images_per_s=steps_per_epoch * batch / max(secs, 1e-9))
         if rank == 0:
-            ckpt = discriminator_checkpoint(disc, sha, cls_args, lora_rank, lora_alpha, extra=dict(training=rec, config=config))
+            ckpt = discriminator_checkpoint(disc, sha, cls_args, lora_rank, lora_alpha,
+                                            extra=dict(training=rec, config=config, fake_seeds=fake_seeds))
             if (epoch + 1) % snap == 0 or epoch + 1 == epochs:
                 last = os.path.join(outdir, f'disc-{epoch + 1:04d}.pt')
                 dgio.atomic_torch_save(ckpt, last)

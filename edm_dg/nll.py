@@ -1,52 +1,109 @@
 """Negative log-likelihood in bits/dim by the probability-flow ODE (Song et al., 2021) in EDM's sigma.
 
-    dx/dsigma = f(x, sigma) = (x - D(x; sigma)) / sigma  [+ w * DG correction / sigma]
+    dx/dsigma = f(x, sigma) = (x - D(x; sigma)) / sigma  [+ w * corr(x, sigma) / sigma  inside the DG window]
     log p_0(x) = log N(x(sigma_max); 0, sigma_max^2 I) + int_{sigma_min}^{sigma_max} div f dsigma
 
-integrated from the data at sigma_min to sigma_max with Heun's method on EDM's
+corr = -(sigma^2 mean) grad_{x_vp} log(d / (1 - d)) is the sampler's DG correction
+(x_vp = mean(tau) x at the VP time tau of sigma); as in the sampler it is applied
+only while time_min <= tau <= time_max and is exactly zero elsewhere.
+
+Integrated from the data at sigma_min to sigma_max with Heun's method on EDM's
 rho-spaced grid; div f by Hutchinson's estimator (Rademacher probes, one per
-image per integration). Images are uniformly dequantised: x = (u8 + U) / 128 - 1,
-so bits/dim = (-log p(x) + D log 128) / (D log 2).
+image per integration). The divergence of the DG term differentiates a gradient
+of the discriminator, so its forward runs under `adm.math_attention()` (the fused
+attention kernels have no double backward). Images are uniformly dequantised:
+x = (u8 + U) / 128 - 1, so bits/dim = (-log p(x) + D log 128) / (D log 2).
 """
 
 import math
 
 import torch
 
-from .sampler import dg_correction, step_schedule
+from . import adm, vp
+from .sampler import step_schedule
 
-def drift(net, x, sigma, class_labels=None, discriminator=None, w=0.0, disc_labels=None):
-    """The probability-flow ODE's dx/dsigma, with the DG term when w != 0 (differentiable in x)."""
+#----------------------------------------------------------------------------
+# The DG part of the drift.
+
+def dg_window_contains(sigma, time_min=0.01, time_max=1.0):
+    """Host-side: is the VP time of (the smallest) sigma in [time_min, time_max] (the sampler's rule)?"""
+    sigma = torch.as_tensor(sigma).detach().to('cpu', torch.float64).reshape(-1)
+    tau = vp.sigma_to_tau(sigma).min().item()
+    return time_min <= tau <= time_max
+
+def _discriminator_dtype(discriminator):
+    """The floating dtype of a module's parameters (float64 for a .double() discriminator); float32 otherwise."""
+    if isinstance(discriminator, torch.nn.Module):
+        for p in discriminator.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return torch.float32
+
+def dg_drift_term(discriminator, x, sigma, disc_labels=None, w=1.0, time_min=0.01, time_max=1.0):
+    """`w * corr / sigma` with a graph back to x (so its divergence can be taken), or None outside the window.
+
+    x: [N, C, H, W] in EDM's space (any float dtype, usually float64 here); sigma:
+    scalar or [N]. The discriminator sees x_vp = mean(tau) x in its parameters' dtype.
+    """
+    if discriminator is None or w == 0 or not dg_window_contains(sigma, time_min, time_max):
+        return None
+    sigma = torch.as_tensor(sigma, device=x.device).to(torch.float64).reshape(-1).expand(x.shape[0])
+    mean, tau = vp.sigma_to_vp(sigma)
+    with torch.enable_grad(), adm.math_attention():
+        x_vp = mean.to(x.dtype).reshape(-1, 1, 1, 1) * x
+        x_vp = x_vp.to(_discriminator_dtype(discriminator))
+        if not x_vp.requires_grad:
+            x_vp = x_vp.detach().requires_grad_(True)
+        d = discriminator(x_vp, tau, disc_labels).reshape(-1)
+        d = d.to(torch.promote_types(d.dtype, torch.float32)).clip(1e-5, 1 - 1e-5)
+        log_ratio = torch.log(d / (1 - d))
+        grad, = torch.autograd.grad(log_ratio.sum(), x_vp, create_graph=True)
+    # w * corr / sigma = -w * sigma * mean * grad.
+    scale = (-w * sigma * mean).reshape(-1, 1, 1, 1)
+    return scale.to(x.dtype) * grad.to(x.dtype)
+
+def drift(net, x, sigma, class_labels=None, discriminator=None, w=0.0, disc_labels=None, time_min=0.01, time_max=1.0):
+    """The probability-flow ODE's dx/dsigma, with DG's term inside the window when w != 0 (differentiable in x)."""
     d = (x - net(x, sigma, class_labels).to(x.dtype)) / sigma
-    if discriminator is not None and w != 0:
-        corr, _ = dg_correction(discriminator, x, sigma, disc_labels, create_graph=True)
-        d = d + w * corr.to(x.dtype) / sigma
-    return d
+    guide = dg_drift_term(discriminator, x, sigma, disc_labels, w, time_min, time_max)
+    return d if guide is None else d + guide
 
-def _drift_and_div(net, x, sigma, eps, **kw):
+def hutchinson(fn, x, eps):
+    """(fn(x), eps^T (d fn / d x) eps per image), both detached."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        f = drift(net, x, sigma, **kw)
+        f = fn(x)
         jvp, = torch.autograd.grad(f, x, eps)
     return f.detach(), (jvp * eps).flatten(1).sum(1).detach()
 
+#----------------------------------------------------------------------------
+
 def log_likelihood(net, x, class_labels=None, *, num_steps=128, sigma_min=0.002, sigma_max=80.0, rho=7.0,
-                   generator=None, discriminator=None, w=0.0, disc_labels=None):
-    """log p(x) in nats per image [N] for continuous x in EDM's data space (float64 integration)."""
+                   generator=None, discriminator=None, w=0.0, disc_labels=None, time_min=0.01, time_max=1.0):
+    """log p(x) in nats per image [N] for continuous x in EDM's data space (float64 integration).
+
+    discriminator / w / disc_labels / time_min / time_max: DG in the drift, as
+    `dg_sampler`'s discriminator / dg_weight_1st_order / disc_labels / window.
+    """
+    if time_min > time_max:
+        raise ValueError(f'time_min={time_min} is above time_max={time_max}; pass time_min <= time_max')
     sigma_min = max(sigma_min, net.sigma_min)
     sigma_max = min(sigma_max, net.sigma_max)
     sigmas = step_schedule(num_steps + 1, sigma_min, sigma_max, rho, net.round_sigma, device=x.device)[:-1].flip(0)
-    eps = (torch.randint(0, 2, x.shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1)
-    kw = dict(class_labels=class_labels, discriminator=discriminator, w=w, disc_labels=disc_labels)
+    eps = (torch.randint(0, 2, x.shape, generator=generator, device=x.device).to(torch.float64) * 2 - 1)
+    kw = dict(class_labels=class_labels, discriminator=discriminator, w=w, disc_labels=disc_labels,
+              time_min=time_min, time_max=time_max)
+    f_and_div = lambda x, sigma: hutchinson(lambda z: drift(net, z, sigma, **kw), x, eps)
     x = x.to(torch.float64)
     div_int = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    f, div = _drift_and_div(net, x, sigmas[0], eps, **kw)
-    for s0, s1 in zip(sigmas[:-1], sigmas[1:]):
-        x_e = x + (s1 - s0) * f
-        f_e, div_e = _drift_and_div(net, x_e, s1, eps, **kw)
+    f, div = f_and_div(x, sigmas[0])
+    for i in range(num_steps):
+        s0, s1 = sigmas[i], sigmas[i + 1]
+        f_e, div_e = f_and_div(x + (s1 - s0) * f, s1)
         x = x + (s1 - s0) * 0.5 * (f + f_e)
         div_int += (s1 - s0) * 0.5 * (div + div_e)
-        f, div = _drift_and_div(net, x, s1, eps, **kw)
+        if i < num_steps - 1:  # The drift at the corrected point starts the next step.
+            f, div = f_and_div(x, s1)
     dims = x[0].numel()
     prior = -0.5 * (x ** 2).flatten(1).sum(1) / sigmas[-1] ** 2 - dims * (torch.log(sigmas[-1]) + 0.5 * math.log(2 * math.pi))
     return prior + div_int

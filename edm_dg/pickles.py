@@ -1,146 +1,190 @@
-"""Loading EDM network pickles without executing the source embedded in them.
+"""Reading EDM network pickles, with or without running the code inside them.
 
-An EDM pickle rebuilds each network by running the module source stored in the
-file (COMPAT §1). The safe loader reads the same file with a restricted
-unpickler: tensors, containers and `dnnlib.EasyDict` are allowed; persistent
-objects of known EDM classes are rebuilt from this project's `training`
-modules from their recorded constructor arguments and tensors (strictly);
-everything else is refused with a message that names the class and the
-`--trust_pickle` flag that restores EDM's own behaviour.
+NVlabs' EDM pickles (format version 6 of `torch_utils.persistence`) rebuild
+each network by executing the module source stored in the file; see
+docs/compat.md §1. `trusted_load` does exactly that. `safe_load` reads the same
+bytes with an unpickler that knows a short list of globals (tensor rebuilders,
+containers, `dnnlib.util.EasyDict`): every persistent object becomes a record
+of its class name and state, and records of known EDM classes are then built
+from this project's `training` package from their recorded constructor
+arguments, with their tensors loaded strictly. Anything else is refused with a
+message that names it and the `--trust_pickle` flag.
 """
 
+import codecs
 import collections
 import io
 import pickle
 
-import numpy as np
 import torch
+import numpy as np
 
-import dnnlib
 from training import loss as loss_module
 from training import networks
+import dnnlib
 
 NETWORK_CLASSES = ('EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'SongUNet', 'DhariwalUNet',
                    'Linear', 'Conv2d', 'GroupNorm', 'UNetBlock', 'PositionalEmbedding', 'FourierEmbedding')
 LOSS_CLASSES = ('EDMLoss', 'VPLoss', 'VELoss')
-INERT_CLASSES = ('AugmentPipe',)   # Training-only; kept as a record, never run.
+INERT_CLASSES = ('AugmentPipe',)   # Training-only; returned as a description, never run.
 
 class UnsafePickleError(pickle.UnpicklingError):
     """The pickle asks for something the safe loader will not build."""
 
-class _Persistent:
-    """A persistent object seen by the safe loader, not yet rebuilt."""
-    def __init__(self, class_name, state):
-        self.class_name = class_name
-        self.state = state
+#----------------------------------------------------------------------------
+# What the restricted unpickler produces instead of live objects.
 
-def _safe_reconstruct(meta):
+class _Record:
+    """An object described by the pickle and kept as data: class name + state."""
+
+    def __init__(self, class_name, state=None):
+        self.class_name = class_name
+        self.state = state if state is not None else {}
+
+    def __setstate__(self, state):
+        self.state = state if state is not None else {}
+
+class _ContainerRecord(_Record):
+    """A torch.nn container (ModuleDict, ModuleList, Sequential) inside a network."""
+
+    def __init__(self):
+        super().__init__(type(self).__name__)
+
+_CONTAINERS = {name: type(name, (_ContainerRecord,), {}) for name in ('ModuleDict', 'ModuleList', 'Sequential')}
+
+def _persistent_record(meta):
+    """Stands in for torch_utils.persistence._reconstruct_persistent_obj: never runs module_src."""
+    if not isinstance(meta, dict) or meta.get('type') != 'class' or meta.get('version') != 6:
+        kind, version = (meta.get('type'), meta.get('version')) if isinstance(meta, dict) else (None, None)
+        raise UnsafePickleError(f'unsupported persistent object format (type={kind!r}, version={version!r})')
     name = meta.get('class_name')
-    if meta.get('type') != 'class' or meta.get('version') != 6:
-        raise UnsafePickleError(f'unsupported persistent object format (type={meta.get("type")!r}, version={meta.get("version")!r})')
     if name not in NETWORK_CLASSES + LOSS_CLASSES + INERT_CLASSES:
         raise UnsafePickleError(f'class "{name}" is not a known EDM class')
-    return _Persistent(name, meta.get('state') or {})
+    return _Record(name, meta.get('state'))
 
-def _safe_load_from_bytes(b):
-    return torch.load(io.BytesIO(b), weights_only=True)
+def _old_protocol_reconstructor(cls, base, state):
+    """copyreg._reconstructor (pickle protocols 0 and 1), limited to EasyDict and torch containers."""
+    if cls is dnnlib.EasyDict and base is dict:
+        return dnnlib.EasyDict(state or {})
+    if not (isinstance(cls, type) and issubclass(cls, _ContainerRecord)) or base is not object or state is not None:
+        raise UnsafePickleError(f'refusing to construct {getattr(cls, "__name__", cls)!r}')
+    return cls()
 
-_ALLOWED = {
+def _storage_from_bytes(data):
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+def _numpy_core():
+    return getattr(np, '_core', None) or np.core
+
+_GLOBALS = {
+    ('builtins', 'set'): set,
+    ('builtins', 'frozenset'): frozenset,
+    ('builtins', 'object'): object,
+    ('builtins', 'dict'): dict,
+    ('_codecs', 'encode'): codecs.encode,   # How protocols 0-2 store bytes.
     ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('builtins', 'set'): set, ('builtins', 'frozenset'): frozenset, ('builtins', 'object'): object,
+    ('copyreg', '_reconstructor'): _old_protocol_reconstructor,
+    ('dnnlib.util', 'EasyDict'): dnnlib.EasyDict,
+    ('torch_utils.persistence', '_reconstruct_persistent_obj'): _persistent_record,
+    ('torch', 'Size'): torch.Size,
+    ('torch', 'device'): torch.device,
     ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
     ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
-    ('torch', 'Size'): torch.Size, ('torch', 'device'): torch.device,
-    ('torch.storage', '_load_from_bytes'): _safe_load_from_bytes,
-    ('dnnlib.util', 'EasyDict'): dnnlib.EasyDict,
-    ('torch_utils.persistence', '_reconstruct_persistent_obj'): _safe_reconstruct,
-    ('torch.nn.modules.container', 'ModuleDict'): torch.nn.ModuleDict,
-    ('torch.nn.modules.container', 'ModuleList'): torch.nn.ModuleList,
-    ('torch.nn.modules.container', 'Sequential'): torch.nn.Sequential,
+    ('torch.storage', '_load_from_bytes'): _storage_from_bytes,
+    ('numpy', 'dtype'): np.dtype,
+    ('numpy', 'ndarray'): np.ndarray,
 }
+_GLOBALS.update({('torch.nn.modules.container', name): cls for name, cls in _CONTAINERS.items()})
 
-def _copyreg_reconstructor(cls, base, state):
-    if cls not in (torch.nn.ModuleDict, torch.nn.ModuleList, torch.nn.Sequential) or base is not object:
-        raise UnsafePickleError(f'refusing to construct {cls}')
-    obj = object.__new__(cls)
-    return obj
+_PYTHON2_MODULES = {'__builtin__': 'builtins', 'copy_reg': 'copyreg'}  # Names in pickle protocols 0-2.
 
-class _SafeUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        if (module, name) == ('copyreg', '_reconstructor'):
-            return _copyreg_reconstructor
-        if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
+        module = _PYTHON2_MODULES.get(module, module)
+        if (module, name) in _GLOBALS:
+            return _GLOBALS[(module, name)]
         if module in ('numpy.core.multiarray', 'numpy._core.multiarray') and name in ('scalar', '_reconstruct'):
-            return getattr(np._core.multiarray if hasattr(np, '_core') else np.core.multiarray, name)
-        if (module, name) == ('numpy', 'dtype'):
-            return np.dtype
-        if (module, name) == ('numpy', 'ndarray'):
-            return np.ndarray
+            return getattr(_numpy_core().multiarray, name)
         if module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise UnsafePickleError(f'"{module}.{name}" is not allowed')
 
 #----------------------------------------------------------------------------
+# From records to objects of this project's classes.
 
-def _collect_tensors(state, prefix, out):
-    """Flatten a pickled module state ({_parameters, _buffers, _modules}) into a state dict."""
-    for key in ('_parameters', '_buffers'):
-        for name, t in (state.get(key) or {}).items():
-            if t is not None:
-                out[prefix + name] = t.detach() if isinstance(t, torch.Tensor) else t
+def _tensors_of(state, prefix='', out=None):
+    """The state dict described by a pickled module state (_parameters, _buffers, _modules)."""
+    out = {} if out is None else out
+    skip = set(state.get('_non_persistent_buffers_set') or ())
+    for group in ('_parameters', '_buffers'):
+        for name, value in (state.get(group) or {}).items():
+            if value is not None and not (group == '_buffers' and name in skip):
+                out[prefix + name] = value.detach() if isinstance(value, torch.Tensor) else value
     for name, child in (state.get('_modules') or {}).items():
-        if child is None:
-            continue
-        child_state = child.state if isinstance(child, _Persistent) else child.__dict__
-        _collect_tensors(child_state, prefix + name + '.', out)
+        if child is not None:
+            _tensors_of(child.state if isinstance(child, _Record) else vars(child), f'{prefix}{name}.', out)
+    return out
 
-def _rebuild(obj):
-    """Replace _Persistent records by objects built from this project's classes."""
-    if isinstance(obj, dict):
-        return type(obj)((k, _rebuild(v)) for k, v in obj.items()) if not isinstance(obj, dnnlib.EasyDict) else dnnlib.EasyDict({k: _rebuild(v) for k, v in obj.items()})
-    if isinstance(obj, list):
-        return [_rebuild(v) for v in obj]
-    if not isinstance(obj, _Persistent):
-        return obj
-    state = obj.state
-    args = state.get('_init_args') or ()
+def _build(record):
+    """A network or loss of this project's `training` code from a record (strict weights)."""
+    state = record.state
+    if '_init_kwargs' not in state:
+        raise UnsafePickleError(f'persistent {record.class_name} has no recorded constructor arguments')
+    args = tuple(state.get('_init_args') or ())
     kwargs = dict(state.get('_init_kwargs') or {})
-    if obj.class_name in INERT_CLASSES:
-        return dnnlib.EasyDict(class_name=obj.class_name, init_args=args, init_kwargs=kwargs, note='not rebuilt by the safe loader')
-    if obj.class_name in LOSS_CLASSES:
-        return getattr(loss_module, obj.class_name)(*args, **kwargs)
-    net = getattr(networks, obj.class_name)(*args, **kwargs)
-    tensors = {}
-    _collect_tensors(state, '', tensors)
-    net.load_state_dict(tensors, strict=True)
-    net.train(bool(state.get('training', False)))
-    return net
+    if record.class_name in INERT_CLASSES:
+        return dnnlib.EasyDict(class_name=record.class_name, init_args=args, init_kwargs=kwargs,
+                               note='not rebuilt by the safe loader')
+    if record.class_name in LOSS_CLASSES:
+        return getattr(loss_module, record.class_name)(*args, **kwargs)
+    net = getattr(networks, record.class_name)(*args, **kwargs)
+    net.load_state_dict(_tensors_of(state), strict=True)
+    return net.train(bool(state.get('training', False)))
+
+def _build_all(obj):
+    """Replace the records reachable through dicts, lists and tuples by built objects."""
+    if isinstance(obj, _Record):
+        return _build(obj)
+    if isinstance(obj, dnnlib.EasyDict):
+        return dnnlib.EasyDict({k: _build_all(v) for k, v in obj.items()})
+    if isinstance(obj, dict):
+        return type(obj)((k, _build_all(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_build_all(v) for v in obj)
+    return obj
+
+#----------------------------------------------------------------------------
 
 def safe_load(f):
     """Load an EDM pickle from a binary file object without executing embedded code."""
-    return _rebuild(_SafeUnpickler(f).load())
+    return _build_all(_RestrictedUnpickler(f).load())
 
 def trusted_load(f):
-    """EDM's own loading: executes the module source stored in the pickle."""
+    """EDM's own loading: runs the module source stored in the pickle."""
     return pickle.load(f)
 
+_NETWORK_ATTRS = ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max', 'round_sigma')
+
 def load_network_pickle(url_or_path, trust_pickle=False, key='ema', verbose=False):
-    """The sampling network of an EDM pickle (path or URL); ValueError with the fix on bad input."""
+    """The sampling network of an EDM pickle (path or URL); ValueError saying what to pass on bad input."""
+    load = trusted_load if trust_pickle else safe_load
     try:
         with dnnlib.util.open_url(url_or_path, verbose=verbose) as f:
-            data = (trusted_load if trust_pickle else safe_load)(f)
+            data = load(f)
     except UnsafePickleError as e:
-        raise ValueError(f'{url_or_path}: refused to load: {e}; rerun with --trust_pickle to execute the code stored in the pickle (only for files you trust)') from None
-    except (FileNotFoundError, OSError) as e:
-        raise ValueError(f'{url_or_path}: {e}') from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError, KeyError, RuntimeError) as e:
-        raise ValueError(f'{url_or_path}: not a readable EDM network pickle ({type(e).__name__}: {str(e)[:120]}); '
+        raise ValueError(f'{url_or_path}: refused to load: {e}; rerun with --trust_pickle to execute the code '
+                         f'stored in the pickle (only for files you trust)') from None
+    except OSError as e:
+        raise ValueError(str(e) if str(url_or_path) in str(e) else f'{url_or_path}: {e}') from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError,
+            KeyError, RuntimeError) as e:
+        raise ValueError(f'{url_or_path}: not a readable EDM network pickle ({type(e).__name__}: {" ".join(str(e).split())[:120]}); '
                          f'pass a .pkl written by EDM training or edm-dg') from None
     if not isinstance(data, dict) or key not in data:
         raise ValueError(f'{url_or_path}: pickle has no "{key}" network; pass an EDM network snapshot (network-snapshot-*.pkl)')
     net = data[key]
-    for attr in ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max', 'round_sigma'):
-        if not hasattr(net, attr):
-            raise ValueError(f'{url_or_path}: "{key}" is not an EDM preconditioned network (no {attr}); pass an EDM network pickle')
+    missing = [attr for attr in _NETWORK_ATTRS if not hasattr(net, attr)]
+    if missing:
+        raise ValueError(f'{url_or_path}: "{key}" is not an EDM preconditioned network (no {missing[0]}); '
+                         f'pass an EDM network pickle')
     return net

@@ -1,9 +1,12 @@
-"""Discriminator-guided EDM sampler (Kim et al., 2023) as a drop-in for EDM's `edm_sampler`.
+"""EDM's stochastic Heun sampler with discriminator guidance (Kim et al., 2023): `dg_sampler`.
 
 `dg_sampler(net, latents, class_labels, randn_like, num_steps, ...)` takes EDM's
 arguments in EDM's order and calls `randn_like` exactly as EDM does, so with no
-discriminator (or zero weights) it returns EDM's images. Guidance adds
-`-w sigma grad_x log(d / (1 - d))` to the ODE direction (COMPAT §3).
+discriminator (or zero weights) it returns EDM's images. Guidance enters as two
+guided denoisers (edm_dg.guidance.DGDenoiser): weight w1 at the Euler
+evaluation, w2 at the Heun evaluation. Boosting (the release's conditional
+recipe) is a per-sample churn hook plus a doubled correction for samples the
+discriminator judges fake; docs/compat.md §3.
 
 All control decisions (time window, boosting) are either taken on the host from
 the deterministic step schedule or applied as tensor masks: nothing in the step
@@ -13,39 +16,47 @@ loop reads a tensor value back from the device.
 import numpy as np
 import torch
 
-from . import vp
+from .guidance import DGDenoiser
+
+GAMMA_MAX = np.sqrt(2) - 1
 
 #----------------------------------------------------------------------------
 
 def step_schedule(num_steps, sigma_min, sigma_max, rho, round_sigma, device=None):
     """EDM's time steps t_0 > ... > t_{N-1} > t_N = 0 (float64), rounded by the net."""
-    step_indices = torch.arange(num_steps, dtype=torch.float64, device=device)
-    t_steps = (sigma_max ** (1 / rho) + step_indices / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    i = torch.arange(num_steps, dtype=torch.float64, device=device)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    t_steps = (hi + i / (num_steps - 1) * (lo - hi)) ** rho
     return torch.cat([round_sigma(t_steps), torch.zeros_like(t_steps[:1])])
 
-def dg_correction(discriminator, x, sigma, class_labels=None, create_graph=False):
-    """DG correction `-(sigma^2 mean) grad_{x_vp} log_ratio` (float32) and `log_ratio` [N].
+def clamp_sigmas(net, sigma_min, sigma_max):
+    """The requested noise range, limited to what the network supports."""
+    return max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max)
 
-    x is in EDM's unscaled space (any float dtype) and sigma a scalar or [N]
-    tensor; the discriminator sees `x_vp = mean(tau) x` at VP time tau.
-    create_graph keeps the result differentiable in x (for NLL's divergence).
-    """
-    sigma = torch.as_tensor(sigma, device=x.device).to(torch.float64).reshape(-1).expand(x.shape[0])
-    mean, tau = vp.sigma_to_vp(sigma)
-    with torch.enable_grad():
-        x_vp = (mean.reshape(-1, 1, 1, 1) * x).float()
-        x_vp = x_vp if create_graph else x_vp.detach().requires_grad_(True)
-        d = discriminator(x_vp, tau, class_labels).reshape(-1)
-        d = d.float().clip(1e-5, 1 - 1e-5)
-        log_ratio = torch.log(d / (1 - d))
-        grad, = torch.autograd.grad(log_ratio.sum(), x_vp, create_graph=create_graph)
-    scale = (sigma ** 2 * mean).to(torch.float32).reshape(-1, 1, 1, 1)
-    return -scale * grad, log_ratio.detach()
+def _as_column(v, ndim):
+    """A per-sample [N] tensor shaped to broadcast over images; scalars pass through."""
+    return v.reshape(-1, *([1] * (ndim - 1))) if isinstance(v, torch.Tensor) and v.ndim == 1 else v
 
-def _in_window(sigmas, time_min, time_max):
-    """Host-side test of COMPAT §3's window on tau.min() for candidate sigma values."""
-    tau = vp.sigma_to_tau(torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)).min().item()
-    return time_min <= tau <= time_max
+class Boosting:
+    """The release's boosting as a churn hook: every `period` steps, samples whose last
+    first-order log_ratio is negative get churn `S_churn` and noise `S_noise`; every
+    `weight_period` steps their correction is doubled."""
+
+    def __init__(self, S_churn=4.0, S_noise=1.0, period=5, weight_period=2):
+        self.S_churn, self.S_noise, self.period, self.weight_period = S_churn, S_noise, period, weight_period
+
+    def churn(self, i, num_steps, gamma, S_noise, log_ratio):
+        """(gamma, S_noise, host candidates of 1 + gamma) for step i; per-sample tensors on boosted steps."""
+        if i % self.period != 0:
+            return gamma, S_noise, [1 + gamma]
+        boosted = log_ratio < 0
+        gamma_b = min(self.S_churn / num_steps, GAMMA_MAX)
+        gamma_vec = torch.where(boosted, gamma_b, gamma).to(torch.float64)
+        noise_vec = torch.where(boosted, self.S_noise, S_noise).to(torch.float64)
+        return gamma_vec, noise_vec, [1 + gamma, 1 + gamma_b]
+
+    def doubles(self, i):
+        return i % self.weight_period == 0
 
 #----------------------------------------------------------------------------
 
@@ -73,75 +84,40 @@ def dg_sampler(
     """
     if solver not in ('heun', 'euler'):
         raise ValueError(f'solver must be "heun" or "euler", got {solver!r}')
-    if discriminator is None:
-        dg_weight_1st_order = dg_weight_2nd_order = 0.0
-    if disc_labels is None:
-        disc_labels = class_labels
-    boosting = bool(boosting) and dg_weight_1st_order != 0
+    window = dict(time_min=time_min, time_max=time_max, disc_labels=disc_labels)
+    den1 = DGDenoiser(net, discriminator, dg_weight_1st_order, **window)
+    den2 = DGDenoiser(net, discriminator, dg_weight_2nd_order, **window)
+    boost = Boosting(boost_S_churn, boost_S_noise, boost_period, boost_weight_period) if boosting and den1.active() else None
 
-    # Adjust noise levels based on what's supported by the network.
-    sigma_min = max(sigma_min, net.sigma_min)
-    sigma_max = min(sigma_max, net.sigma_max)
-
-    # Time step discretization; a host copy drives the host-side decisions.
+    sigma_min, sigma_max = clamp_sigmas(net, sigma_min, sigma_max)
     t_steps = step_schedule(num_steps, sigma_min, sigma_max, rho, net.round_sigma, device=latents.device)
-    t_host = t_steps.cpu()
-    n = latents.shape[0]
-    bshape = (-1,) + (1,) * (latents.ndim - 1)
+    t_host = t_steps.cpu().tolist()  # drives every host-side decision
+    log_ratio = torch.full([latents.shape[0]], float('inf'), device=latents.device)
 
-    # Main sampling loop.
     x_next = latents.to(torch.float64) * t_steps[0]
-    log_ratio = torch.full([n], float('inf'), dtype=torch.float32, device=latents.device)
-    gamma_max = np.sqrt(2) - 1
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])): # 0, ..., N-1
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
-        t_cur_h, t_next_h = float(t_host[i]), float(t_host[i + 1])
-        in_churn = S_min <= t_cur_h <= S_max
+        in_churn = S_min <= t_host[i] <= S_max
 
-        # Increase noise temporarily.
-        gamma = min(S_churn / num_steps, gamma_max) if in_churn else 0
-        if boosting and i % boost_period == 0 and in_churn:
-            boosted = log_ratio < 0
-            gamma_b = min(boost_S_churn / num_steps, gamma_max)
-            gamma_vec = torch.where(boosted, gamma_b, gamma).to(torch.float64)
-            noise_vec = torch.where(boosted, boost_S_noise, S_noise).to(torch.float64)
-            t_hat = net.round_sigma(t_cur + gamma_vec * t_cur)
-            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt().reshape(bshape) * noise_vec.reshape(bshape) * randn_like(x_cur)
-            t_hat_candidates = [t_cur_h * (1 + gamma), t_cur_h * (1 + gamma_b)]
-            t_hat_div = t_hat.reshape(bshape)
-        else:
-            t_hat = net.round_sigma(t_cur + gamma * t_cur)
-            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
-            t_hat_candidates = [t_cur_h * (1 + gamma)]
-            t_hat_div = t_hat
+        # Increase noise temporarily (per sample on boosted steps).
+        gamma, noise, factors = (min(S_churn / num_steps, GAMMA_MAX) if in_churn else 0), S_noise, None
+        if boost is not None and in_churn:
+            gamma, noise, factors = boost.churn(i, num_steps, gamma, S_noise, log_ratio)
+        factors = factors or [1 + gamma]
+        t_hat = net.round_sigma(t_cur + gamma * t_cur)
+        t_col = _as_column(t_hat, x_cur.ndim)
+        x_hat = x_cur + _as_column((t_hat ** 2 - t_cur ** 2).sqrt() * noise, x_cur.ndim) * randn_like(x_cur)
 
-        # Euler step.
-        denoised = net(x_hat, t_hat, class_labels).to(torch.float64)
-        d_cur = (x_hat - denoised) / t_hat_div
-        if dg_weight_1st_order != 0:
-            inside = [_in_window(t, time_min, time_max) for t in t_hat_candidates]
-            if any(inside):
-                correction, lr = dg_correction(discriminator, x_hat, t_hat, disc_labels)
-                if not all(inside): # Boosted and plain samples straddle the window edge.
-                    tau_min = vp.sigma_to_tau(t_hat.reshape(-1)).min()
-                    ok = (time_min <= tau_min) & (tau_min <= time_max)
-                    correction = correction * ok.to(correction.dtype)
-                    lr = torch.where(ok, lr, torch.full_like(lr, 1e7))
-                log_ratio = lr
-                if boosting and i % boost_weight_period == 0:
-                    correction = correction * torch.where(log_ratio < 0, 2.0, 1.0).to(correction.dtype).reshape(bshape)
-                d_cur = d_cur + dg_weight_1st_order * (correction / t_hat_div)
-            else:
-                log_ratio = torch.full_like(log_ratio, 1e7)
-        x_next = x_hat + (t_next - t_hat_div) * d_cur
+        # Euler step with the first-order guided denoiser.
+        denoised = den1(x_hat, t_hat, class_labels, sigma_hint=[t_host[i] * f for f in factors],
+                        double_fake=boost is not None and boost.doubles(i))
+        log_ratio = den1.log_ratio
+        d_cur = (x_hat - denoised) / t_col
+        x_next = x_hat + (t_next - t_col) * d_cur
 
-        # Apply 2nd order correction.
+        # Heun correction with the second-order guided denoiser.
         if solver == 'heun' and i < num_steps - 1:
-            denoised = net(x_next, t_next, class_labels).to(torch.float64)
+            denoised = den2(x_next, t_next, class_labels, sigma_hint=[t_host[i + 1]])
             d_prime = (x_next - denoised) / t_next
-            if dg_weight_2nd_order != 0 and _in_window([t_next_h], time_min, time_max):
-                correction, _ = dg_correction(discriminator, x_next, t_next, disc_labels)
-                d_prime = d_prime + dg_weight_2nd_order * (correction / t_next)
-            x_next = x_hat + (t_next - t_hat_div) * (0.5 * d_cur + 0.5 * d_prime)
-
+            x_next = x_hat + (t_next - t_col) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next

@@ -16,7 +16,7 @@ import numpy as np
 from torch_utils import distributed as dist
 from . import io as dgio
 from . import metrics
-from .discriminator import load_discriminator
+from .disc_checkpoint import load_discriminator
 from .generate import generate
 
 SWEEPABLE = ('S_churn', 'S_min', 'S_max', 'S_noise', 'num_steps', 'dg_weight_1st_order', 'dg_weight_2nd_order',
@@ -85,7 +85,7 @@ def checkpoint_epochs(run_dir, every=1):
     return keep
 
 def fid_over_epochs(net, run_dir, classifier_path, seeds, ref, detector, outdir, device, sampler_kwargs,
-                    every=1, batch=64, keep_images=False, log=print, progress=True):
+                    every=1, batch=64, keep_images=False, log=print, progress=True, disc_kwargs=None):
     """FID of guided samples for each checkpoint of a discriminator run; writes fid_epochs.csv/.png."""
     csv_path = os.path.join(outdir, 'fid_epochs.csv')
     rows = read_csv(csv_path)
@@ -93,7 +93,7 @@ def fid_over_epochs(net, run_dir, classifier_path, seeds, ref, detector, outdir,
     for epoch, ckpt in checkpoint_epochs(run_dir, every):
         if epoch in done:
             continue
-        disc = load_discriminator(ckpt, classifier_path, device=device)
+        disc = load_discriminator(ckpt, classifier_path, device=device, **(disc_kwargs or {}))
         img_dir = os.path.join(outdir, 'images', f'epoch-{epoch:04d}')
         fid = fid_of_samples(net, img_dir, seeds, dict(sampler_kwargs, discriminator=disc), ref, detector, device, batch, progress)
         record(csv_path, rows, dict(epoch=epoch, checkpoint=ckpt, fid=f'{fid:.6f}', num=len(seeds)), 'epoch', img_dir, keep_images)

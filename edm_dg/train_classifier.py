@@ -17,7 +17,7 @@ import tqdm
 from torch.nn import functional as F
 
 from torch_utils import distributed as dist
-from . import io as dgio
+from . import image_sets, io as dgio
 from .adm import EncoderUNet
 from .cli import command_body
 from .disc_training import _generator, noisy_batch
@@ -26,7 +26,7 @@ def train_classifier(data, outdir, *, epochs=20, batch=128, lr=3e-4, weight_deca
                      attention='32,16,8', seed=0, resume=False, device='cpu', progress=True, log=print):
     """Returns the path of classifier.pt (written atomically after every epoch)."""
     device = torch.device(device)
-    images, labels = dgio.load_image_set(data)
+    images, labels = image_sets.load_image_set(data)
     if labels is None:
         raise ValueError(f'{data}: no class labels (dataset.json); a classifier needs a labelled dataset')
     res = images.shape[2]

@@ -1,7 +1,7 @@
 """The one time-conversion module: EDM noise level sigma <-> linear VP time tau.
 
 The ADM classifier of the DG release was trained on the linear VP SDE
-(beta_0 = 0.1, beta_1 = 20); EDM samples in sigma. COMPAT §3 and §5.
+(beta_0 = 0.1, beta_1 = 20); EDM samples in sigma. docs/compat.md §3 and §5.
 """
 
 import math
@@ -42,7 +42,7 @@ def tau_to_cosine_time(tau, s=0.008, beta_0=BETA_0, beta_1=BETA_1):
     return (1 + s) * 2 / math.pi * torch.arccos(math.sqrt(f0) * mean(tau, beta_0, beta_1)) - s
 
 #----------------------------------------------------------------------------
-# Importance sampling of VP time for discriminator training (COMPAT §5).
+# Importance sampling of VP time for discriminator training (docs/compat.md §5).
 
 def _integral_beta(t, beta_0=BETA_0, beta_1=BETA_1):
     return beta_0 * t + 0.5 * (beta_1 - beta_0) * t ** 2

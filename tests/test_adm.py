@@ -5,8 +5,10 @@ import torch
 
 from edm_dg import lora
 from edm_dg.adm import EncoderUNet
-from edm_dg.discriminator import (CheckpointError, Discriminator, build_encoder,
-                                  load_classifier, load_discriminator)
+from helpers import tiny_classifier, tiny_discriminator
+from edm_dg.disc_checkpoint import (CheckpointError, build_encoder, discriminator_checkpoint, load_classifier,
+                                    load_discriminator)
+from edm_dg.discriminator import Discriminator
 
 def test_classifier_features_and_logits(ref, ref_nets):
     c = ref['classifier']
@@ -108,3 +110,74 @@ def test_own_checkpoint_round_trip_and_hash_check(tiny_files, tmp_path):
         load_discriminator(tiny_files['disc'], str(other))
     with pytest.raises(CheckpointError, match='this is a discriminator checkpoint'):
         load_classifier(tiny_files['disc'])
+
+#----------------------------------------------------------------------------
+# LoRA alpha (docs/compat.md §6): study files do not record it; the default is the study's 1.
+
+def _study_lora_file(path, rank=2, seed=0):
+    """A classifier in the reproduction study's loralib layout with non-zero B (so dW != 0)."""
+    net = tiny_classifier()
+    lora.apply_lora(net, rank)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if n.endswith('lora_B'):
+                p.normal_(0, 0.05)
+    torch.save(net.state_dict(), path)
+    return net.state_dict()
+
+def test_study_lora_file_scales_with_alpha(tmp_path):
+    rank = 2
+    sd = _study_lora_file(tmp_path / 'study.pt', rank)
+    assert tuple(sd['input_blocks.1.0.in_layers.2.lora_A'].shape) == (rank * 3, 64 * 3)
+    assert tuple(sd['input_blocks.1.0.in_layers.2.lora_B'].shape) == (64 * 3, rank * 3)
+    plain = tiny_classifier()  # same seed: the frozen weights W of the study file
+    nets = {a: load_classifier(str(tmp_path / 'study.pt'), a)[0] for a in (None, 1.0, 2.0, 0.0)}
+    assert lora.DEFAULT_ALPHA == 1.0 and lora.lora_config(nets[None]) == (rank, 1.0)
+    assert lora.lora_config(nets[2.0]) == (rank, 2.0)
+    # One layer: dW = (B @ A).view(C_out, C_in, 3, 3) * alpha / r, so alpha=2 doubles dW's effect on the output.
+    x = torch.randn(2, 64, 16, 16)
+    conv = {a: n.input_blocks[1][0].in_layers[2] for a, n in nets.items()}
+    a_, b_ = sd['input_blocks.1.0.in_layers.2.lora_A'], sd['input_blocks.1.0.in_layers.2.lora_B']
+    assert torch.allclose(conv[1.0].delta_weight(), (b_ @ a_).view(64, 64, 3, 3) / rank)
+    with torch.no_grad():
+        base = plain.input_blocks[1][0].in_layers[2](x)
+        d1, d2 = conv[1.0](x) - base, conv[2.0](x) - base
+    assert d1.abs().max() > 1e-3
+    assert torch.allclose(d2, 2 * d1, atol=1e-5)
+    assert torch.allclose(conv[0.0](x), base, atol=1e-6)  # alpha=0: the frozen classifier
+    # Whole network: equal to the plain classifier with merged weights W + dW * alpha / r.
+    merged = lora.to_plain_state_dict(sd)
+    for k in merged:
+        if k.endswith('in_layers.2.weight'):
+            b = k[: -len('weight')]
+            merged[k] = merged[k] + (sd[b + 'lora_B'] @ sd[b + 'lora_A']).view(merged[k].shape) * (2.0 / rank)
+    plain.load_state_dict(merged)
+    xi, t = torch.randn(2, 3, 16, 16), torch.tensor([0.2, 0.7])
+    with torch.no_grad():
+        assert (nets[2.0].features(xi, t) - plain.features(xi, t)).abs().max() < 1e-4
+
+def test_load_discriminator_lora_alpha(tmp_path):
+    """None: recorded alpha of an edm-dg checkpoint, else the study's 1; an explicit value wins."""
+    study = tmp_path / 'study.pt'
+    _study_lora_file(study, rank=2)
+    cls, _, _ = load_classifier(str(study))
+    head = tiny_discriminator(cls).head
+    torch.save(head.state_dict(), tmp_path / 'head.pt')
+    released = lambda a: load_discriminator(str(tmp_path / 'head.pt'), str(study), lora_alpha=a)
+    assert lora.lora_config(released(None).classifier) == (2, lora.DEFAULT_ALPHA)
+    assert lora.lora_config(released(3.0).classifier) == (2, 3.0)
+    # Own checkpoint trained with adapters at alpha=2: loads with 2 unless told otherwise.
+    cls2, args, sha = load_classifier(str(study), 2.0)
+    ckpt = discriminator_checkpoint(Discriminator(cls2, head), sha, args)
+    assert (ckpt['lora_rank'], ckpt['lora_alpha']) == (2, 2.0)  # recorded as the adapters have them
+    torch.save(ckpt, tmp_path / 'disc.pt')
+    own = lambda a: load_discriminator(str(tmp_path / 'disc.pt'), str(study), lora_alpha=a)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0.3, 0.6])
+    with torch.no_grad():
+        assert lora.lora_config(own(None).classifier) == (2, 2.0)
+        assert torch.equal(own(None)(x, t), own(2.0)(x, t))
+        assert lora.lora_config(own(1.0).classifier) == (2, 1.0)
+        assert not torch.equal(own(None)(x, t), own(1.0)(x, t))
+    with pytest.raises(ValueError, match='--lora_alpha=nan'):
+        released(float('nan'))

@@ -4,7 +4,7 @@ import os
 import re
 import sys
 
-from conftest import run_cli
+from helpers import run_cli
 
 def test_toy_demo(tmp_path):
     out = tmp_path / 'demo-out'

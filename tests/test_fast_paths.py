@@ -5,11 +5,12 @@ import time
 import pytest
 import torch
 
-from conftest import tiny_classifier, tiny_discriminator, tiny_edm
+from helpers import tiny_classifier, tiny_discriminator, tiny_edm
 from edm_dg import precision
 from edm_dg.generate import draw_inputs
 from edm_dg.precision import FastDiscriminator, FastNet
-from edm_dg.sampler import dg_correction, dg_sampler
+from edm_dg.guidance import dg_correction
+from edm_dg.sampler import dg_sampler
 
 def run(net, disc, w, seeds=range(6), steps=8):
     lat, y, rnd = draw_inputs([3, 16, 16], 0, list(seeds), 'cpu')

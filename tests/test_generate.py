@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, py, save_edm_pickle, tiny_edm, torchrun
+from helpers import assert_one_line_error, py, save_edm_pickle, tiny_edm, torchrun
 
 ARGS = ['--seeds=0-6', '--steps=4']
 
@@ -24,9 +24,9 @@ def listing(outdir):
 def batch1(tmp_path_factory):
     """Reference run with --batch=1 and DG on; other tests compare against it."""
     d = tmp_path_factory.mktemp('gen')
-    from conftest import tiny_classifier, tiny_discriminator
+    from helpers import tiny_classifier, tiny_discriminator
     import torch
-    from edm_dg.discriminator import discriminator_checkpoint, infer_encoder_args, read_weights
+    from edm_dg.disc_checkpoint import discriminator_checkpoint, infer_encoder_args, read_weights
     net_pkl = save_edm_pickle(tiny_edm(label_dim=10), str(d / 'net.pkl'))
     cls = tiny_classifier()
     torch.save(cls.state_dict(), d / 'cls.pt')
@@ -116,8 +116,8 @@ def test_bad_inputs(tmp_path, tiny_files):
     assert_one_line_error(py('generate_dg.py', f'--network={net}', f'--outdir={out}', f'--disc={tiny_files["head"]}', f'--classifier={bad_cls}'),
                           'badcls.pt', 'keys or shapes')
     # A class-conditional discriminator with an unconditional network.
-    from conftest import tiny_classifier, tiny_discriminator
-    from edm_dg.discriminator import discriminator_checkpoint, infer_encoder_args, read_weights
+    from helpers import tiny_classifier, tiny_discriminator
+    from edm_dg.disc_checkpoint import discriminator_checkpoint, infer_encoder_args, read_weights
     cls = tiny_classifier()
     _, sha = read_weights(tiny_files['classifier'], 'classifier')
     cdisc = tmp_path / 'cdisc.pt'

@@ -10,9 +10,9 @@ import scipy.stats
 import torch
 from PIL import Image
 
-from conftest import assert_one_line_error, py
+from helpers import assert_one_line_error, py, TinyDetector
 from edm_dg import metrics, stats
-from edm_dg.io import ImageSource, subset_indices
+from edm_dg.image_sets import ImageSource, subset_indices
 
 def test_fid_against_independent_scipy():
     rng = np.random.default_rng(0)
@@ -52,15 +52,6 @@ def make_images(folder, n, seed, res=16, subdirs=False):
         p = os.path.join(folder, f'{i - i % 1000:06d}' if subdirs else '', f'{i:06d}.png')
         os.makedirs(os.path.dirname(p), exist_ok=True)
         Image.fromarray(rng.integers(0, 256, size=(res, res, 3), dtype=np.uint8)).save(p)
-
-class TinyDetector(torch.nn.Module):
-    """A TorchScript stand-in with the offline detector's interface (float [-1,1] 299x299 in, features out)."""
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 8, 5, stride=4)
-    def forward(self, x):
-        return torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 2).flatten(1)
 
 @pytest.fixture(scope='module')
 def fid_data(tmp_path_factory):

@@ -9,7 +9,7 @@ import torch
 import dnnlib
 from edm_dg import pickles
 from training import networks
-from conftest import save_edm_pickle, tiny_edm
+from helpers import save_edm_pickle, tiny_edm
 
 def test_edm_net_matches_reference(ref, ref_nets):
     e = ref['edm_net']

@@ -6,11 +6,13 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, py, save_edm_pickle, tiny_edm
+from helpers import ROOT, assert_one_line_error, py, save_edm_pickle, tiny_edm
 from edm_dg import pickles
 from torch_utils import persistence
 
@@ -73,17 +75,60 @@ def test_safe_loader_refuses_other_globals(tmp_path):
 
 #----------------------------------------------------------------------------
 # Kill at a random moment, rerun, compare with an uninterrupted run.
+#
+# The kill is what `kill -9 PID` of the command a user started does: SIGKILL to the launcher process
+# alone (python, or torchrun's launcher). torchrun's workers sit in sessions of their own, so a SIGKILL
+# of the launcher's process group (`kill -9 -- -PGID`) reaches them no more than this does: either
+# way, nothing tells them; they must notice by themselves that their launcher is gone. (Ctrl-C and a
+# plain `kill` are SIGINT and SIGTERM, which torchrun's launcher catches and passes on to its workers.)
+# EDM_DG_TEST_SEED=N draws other kill moments (to run the kill tests many times in a row).
 
-def _spawn(args, env=None):
-    full = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1', **(env or {}))
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full, cwd=ROOT, start_new_session=True)
+MARKER = 'EDM_DG_TEST_MARKER'
+_spawned = 0
+
+def _seed(base):
+    return base + 1000 * int(os.environ.get('EDM_DG_TEST_SEED', '0'))
+
+def _spawn(args, env=None, **kwargs):
+    """Start a command the way a user does, with an environment variable that marks every process it
+    starts (the launcher and its workers)."""
+    global _spawned
+    _spawned += 1
+    marker = f'{os.getpid()}-{_spawned}'
+    full = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1', **(env or {}), **{MARKER: marker})
+    kwargs = {'stdout': subprocess.DEVNULL, 'stderr': subprocess.DEVNULL, **kwargs}
+    proc = subprocess.Popen(args, env=full, cwd=ROOT, start_new_session=True, **kwargs)
+    proc.marker = marker
+    return proc
+
+def _marked(marker):
+    """Pids of the live processes (not zombies) whose environment carries `marker`."""
+    pids = []
+    for q in psutil.process_iter():
+        try:
+            if q.status() != psutil.STATUS_ZOMBIE and q.environ().get(MARKER) == marker:
+                pids.append(q.pid)
+        except psutil.Error:  # Gone meanwhile, or not ours.
+            pass
+    return pids
+
+def _assert_all_gone(proc, within=10.0):
+    deadline = time.monotonic() + within
+    while (left := _marked(proc.marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f'processes {left} outlived their launcher by {within} s'
+
+def _kill(proc):
+    """`kill -9` the launcher; every process it started must be gone within 10 s."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _assert_all_gone(proc)
 
 def _kill_after(proc, delay):
     try:
         proc.wait(timeout=delay)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _kill(proc)
 
 def _pngs(folder):
     out = {}
@@ -105,7 +150,7 @@ def gen_ref(tmp_path_factory):
 @pytest.mark.parametrize('nproc', [1, 2])
 def test_generation_killed_and_resumed(gen_ref, nproc):
     d, args, ref = gen_ref
-    rng = random.Random(1234 + nproc)
+    rng = random.Random(_seed(1234 + nproc))
     for trial in range(2):
         out = d / f'kill{nproc}-{trial}'
         launcher = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
@@ -120,9 +165,41 @@ def test_generation_killed_and_resumed(gen_ref, nproc):
         generated = int(p.stdout.split(' generated')[0].split()[-1])
         assert generated == len(ref) - len(before)  # nothing generated twice
 
+@pytest.mark.parametrize('when', ['starting', 'generating'])
+def test_torchrun_workers_stop_with_their_launcher(gen_ref, tmp_path, when):
+    """`kill -9` of torchrun's launcher: no worker is left 10 s later, whether they were still starting
+    (the launcher may die before a worker has asked to die with it) or writing images."""
+    d, args, _ = gen_ref
+    out = tmp_path / 'out'
+    proc = _spawn([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                   os.path.join(ROOT, 'generate_dg.py'), *args[:1], '--seeds=0-99999', '--steps=6', f'--outdir={out}'])
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if when == 'starting' and [p for p in _marked(proc.marker) if p != proc.pid]:
+            break
+        if when == 'generating' and out.is_dir() and [f for f in os.listdir(out) if f.endswith('.png')]:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, 'the run ended before it could be killed'
+    _kill(proc)
+
+def test_torchrun_click_error_and_plain_python_unaffected(tmp_path):
+    """Workers still fail with click's one-line error and leave with their launcher; a process not
+    started by torchrun (this one, a plain `python generate_dg.py`) watches no launcher."""
+    from torch_utils import distributed as dist
+    assert 'TORCHELASTIC_RUN_ID' not in os.environ and dist._launcher_pid is None
+    proc = _spawn([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                   os.path.join(ROOT, 'generate_dg.py'), f'--network={tmp_path / "missing.pkl"}', f'--outdir={tmp_path}', '--seeds=0-3'],
+                  stderr=subprocess.PIPE, text=True)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode != 0
+    errors = [l for l in err.splitlines() if l.startswith('Error:')]
+    assert len(errors) == 2 and all('missing.pkl' in l for l in errors), err  # one line from each worker
+    _assert_all_gone(proc, within=0)
+
 def test_training_killed_and_resumed(tmp_path):
-    from test_train_disc import sharp_and_blurred, write_set
-    from conftest import tiny_classifier
+    from helpers import sharp_and_blurred, write_set
+    from helpers import tiny_classifier
     real, fake = sharp_and_blurred(96, 0)
     write_set(str(tmp_path / 'real'), real)
     write_set(str(tmp_path / 'fake'), fake)
@@ -132,7 +209,7 @@ def test_training_killed_and_resumed(tmp_path):
     p = py('train_disc.py', *args, f'--outdir={tmp_path / "ref"}')
     assert p.returncode == 0, p.stderr
     ref = torch.load(tmp_path / 'ref' / 'disc-0004.pt', weights_only=True)
-    rng = random.Random(99)
+    rng = random.Random(_seed(99))
     for trial in range(2):
         out = tmp_path / f'k{trial}'
         cmd = [sys.executable, os.path.join(ROOT, 'train_disc.py'), *args, f'--outdir={out}', '--resume']

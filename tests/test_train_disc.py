@@ -9,29 +9,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import assert_one_line_error, py, tiny_classifier, torchrun
+from helpers import assert_one_line_error, py, tiny_classifier, torchrun, sharp_and_blurred, write_set
 from edm_dg import lora
 from edm_dg.disc_training import evaluate, load_pair, read_metrics, train
-from edm_dg.discriminator import load_discriminator
+from edm_dg.disc_checkpoint import load_discriminator
 
 TINY = dict(head_width=64, head_depth=1, progress=False, log=lambda *a: None)
-
-def write_set(folder, x_u8, labels=None):
-    os.makedirs(folder, exist_ok=True)
-    names = []
-    for i, im in enumerate(x_u8.permute(0, 2, 3, 1).numpy()):
-        names.append(f'{i:05d}.png')
-        Image.fromarray(im).save(os.path.join(folder, names[-1]))
-    if labels is not None:
-        with open(os.path.join(folder, 'dataset.json'), 'w') as f:
-            json.dump({'labels': [[n, int(l)] for n, l in zip(names, labels)]}, f)
-
-def sharp_and_blurred(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 3, 16, 16, generator=g)
-    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode='replicate'), 3, 1)
-    to_u8 = lambda t: (t * 255).round().clamp(0, 255).to(torch.uint8)
-    return to_u8(x), to_u8(blurred)
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
@@ -112,7 +95,7 @@ def test_torchrun_two_processes(data, tmp_path):
     assert [f for f in files if f.startswith('disc-')] == ['disc-0001.pt', 'disc-0002.pt']
     assert len(read_metrics(str(tmp_path / 'run'))) == 2
     # The checkpoint samples directly in generate_dg.py.
-    from conftest import save_edm_pickle, tiny_edm
+    from helpers import save_edm_pickle, tiny_edm
     net = save_edm_pickle(tiny_edm(), str(tmp_path / 'net.pkl'))
     g = py('generate_dg.py', f'--network={net}', f'--disc={tmp_path / "run" / "disc-0002.pt"}', f'--classifier={data / "cls.pt"}',
            '--seeds=0-1', '--steps=3', f'--outdir={tmp_path / "gen"}')
@@ -156,5 +139,5 @@ def test_train_classifier_feeds_train_disc(data, tmp_path):
 
 def run_module(mod, *args):
     import sys
-    from conftest import run_cli
+    from helpers import run_cli
     return run_cli([sys.executable, '-m', mod, *args])

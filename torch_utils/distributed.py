@@ -1,15 +1,84 @@
-"""The one distributed helper: torchrun process groups (NCCL on CUDA, gloo on CPU)."""
+"""The one distributed helper: torchrun process groups (NCCL on CUDA, gloo on CPU), and workers that
+stop when their torchrun launcher does."""
 
+import ctypes
 import os
+import signal
+import sys
+import threading
 import time
+
+# Read before anything slow (importing torch): a torchrun worker's parent is its launcher, and the
+# sooner it is read, the smaller the window in which a dying launcher already handed us to a reaper.
+_parent_at_import = os.getppid()
 
 import torch
 
 _initialized = False
+_launcher_pid = None  # Set once stop_with_launcher() watches a torchrun launcher.
+_PR_SET_PDEATHSIG = 1  # From <linux/prctl.h>.
+
+def _stop_now():
+    """End this worker at once, the way the kernel's parent-death signal does: nothing waits for it
+    any more, and its images are written atomically, so there is nothing to tidy up."""
+    if hasattr(signal, 'SIGKILL'):
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(1)
+
+def _could_be_launcher(pid):
+    """False when `pid` is certainly not a torchrun launcher: it runs as another user, or it is an init
+    process (pid 1) that is not Python. A launcher is a Python process of our user; pid 1 is our parent
+    either because torchrun is a container's first process or because our launcher died and init adopted us."""
+    try:
+        if os.stat(f'/proc/{pid}').st_uid != os.getuid():
+            return False
+        if pid != 1:
+            return True
+        with open(f'/proc/{pid}/cmdline', 'rb') as f:
+            argv = [os.path.basename(a.decode(errors='replace')) for a in f.read().split(b'\0')[:2]]
+    except OSError:
+        return True  # No /proc (not Linux) or not readable: nothing to go by.
+    names = ('torchrun', os.path.basename(sys.executable))
+    return any('python' in a or a in names for a in argv)
+
+def _watch_launcher(launcher, interval):
+    while os.getppid() == launcher:
+        time.sleep(interval)
+    _stop_now()
+
+def stop_with_launcher(interval=0.5):
+    """Under torchrun, stop this worker within seconds of its launcher ending, however it ends.
+
+    torchrun starts every worker in a session of its own, so when the launcher is killed with SIGKILL
+    (`kill -9`, the out-of-memory killer, a scheduler ending the job step), no signal reaches the
+    workers: they used to run on as orphans, writing images and holding devices. Here the kernel sends
+    this worker SIGKILL when its parent, the launcher, ends (Linux's PR_SET_PDEATHSIG; torchrun starts
+    workers from its main thread, and the signal follows the thread that forked us). A launcher that
+    ended before that was set is caught by comparing the parent now with the one read at import; a
+    daemon thread polling the parent every `interval` seconds covers systems without prctl. A no-op
+    outside torchrun (a plain `python generate_dg.py` is unaffected) and when already watching.
+    """
+    global _launcher_pid
+    if _launcher_pid is not None or 'TORCHELASTIC_RUN_ID' not in os.environ:
+        return
+    launcher = _parent_at_import
+    if sys.platform.startswith('linux'):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+        except (OSError, AttributeError):
+            pass  # The watchdog thread alone then stops us.
+    if os.getppid() != launcher or not _could_be_launcher(launcher):
+        _stop_now()  # The launcher died before the kernel was told to stop us with it.
+    _launcher_pid = launcher
+    threading.Thread(target=_watch_launcher, args=(launcher, interval), name='launcher-watchdog', daemon=True).start()
+
+stop_with_launcher()  # As early as a command imports this module, before it loads networks or data.
 
 def init(device_type=None):
     """Join the torchrun process group if launched by torchrun; plain `python` runs as rank 0 of 1."""
     global _initialized
+    stop_with_launcher()
     if _initialized or int(os.environ.get('WORLD_SIZE', '1')) <= 1:
         return
     if device_type is None:

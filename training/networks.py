@@ -1,655 +1,685 @@
-"""EDM's network architectures and preconditionings (Karras et al., 2022).
+"""Denoiser networks of EDM (Karras et al., 2022, "Elucidating the Design Space of
+Diffusion-Based Generative Models"): layers, the DDPM++/NCSN++ and ADM U-Nets, and
+the VP, VE, iDDPM and EDM preconditionings.
 
-Same class names, constructor arguments and parameter names as NVlabs' EDM so
-that state dicts and pickles move between the two code bases unchanged. This
-module's source is embedded in every pickle it writes and executed by whoever
-loads it, so it imports only what EDM's own `training/networks.py` imports.
+Class names, constructor arguments and defaults, parameter and buffer names and
+shapes, the order of random draws at initialisation and the arithmetic follow
+NVlabs' EDM, so state dicts and pickles move between the two code bases in both
+directions and give the same numbers (docs/compat.md).
+
+This module's source is stored in every pickle holding one of its objects and is
+executed by whoever loads the pickle, NVlabs' EDM included. It therefore imports
+only the standard library, torch and `torch_utils.persistence`, and uses no
+PyTorch feature newer than what EDM's environment has.
 """
 
-import numpy as np
+import math
+
 import torch
+import torch.nn.functional as F
 from torch_utils import persistence
-from torch.nn.functional import silu
 
 #----------------------------------------------------------------------------
-# Unified routine for initializing weights and biases.
+# Small helpers.
 
 def weight_init(shape, mode, fan_in, fan_out):
-    if mode == 'xavier_uniform': return np.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
-    if mode == 'xavier_normal':  return np.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
-    if mode == 'kaiming_uniform': return np.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
-    if mode == 'kaiming_normal':  return np.sqrt(1 / fan_in) * torch.randn(*shape)
-    raise ValueError(f'Invalid init mode "{mode}"')
+    """A new random tensor of `shape` for `mode` = xavier|kaiming + _uniform|_normal.
+
+    The target variance is 2 / (fan_in + fan_out) for Xavier (Glorot & Bengio)
+    and 1 / fan_in for Kaiming (He et al.); uniform modes scale U(-1, 1), normal
+    modes N(0, 1). One torch.rand/torch.randn call per tensor, as in EDM, so a
+    seeded construction draws the same numbers.
+    """
+    rule, _, dist = mode.partition('_')
+    fan = {'xavier': (fan_in + fan_out) / 2, 'kaiming': fan_in}.get(rule)
+    if fan is None or dist not in ('uniform', 'normal'):
+        raise ValueError(f'Invalid init mode "{mode}"')
+    if dist == 'normal':
+        return math.sqrt(1 / fan) * torch.randn(*shape)
+    return math.sqrt(3 / fan) * (torch.rand(*shape) * 2 - 1)
+
+def _as_dtype(tensor, like):
+    """`tensor` in the dtype of `like`, None stays None: layers compute in their input's precision."""
+    return None if tensor is None else tensor.to(like.dtype)
+
+def _fir_kernel(taps):
+    """Separable 2-D FIR kernel [1, 1, n, n] from 1-D taps, normalised to unit DC gain."""
+    f = torch.as_tensor(taps, dtype=torch.float32)
+    n = f.numel()
+    return torch.outer(f, f).div(f.sum().square()).reshape(1, 1, n, n)
+
+def _per_channel(kernel, channels):
+    """The [1, 1, n, n] kernel repeated for a depthwise (groups=channels) convolution."""
+    return kernel.repeat(channels, 1, 1, 1)
+
+def _fir_up2(x, kernel, padding):
+    """2x upsampling: transposed depthwise convolution; gain 4 keeps a constant image constant."""
+    c = x.shape[1]
+    return F.conv_transpose2d(x, _per_channel(kernel * 4, c), groups=c, stride=2, padding=padding)
+
+def _fir_down2(x, kernel, padding):
+    """2x downsampling: FIR low-pass and stride-2 depthwise convolution."""
+    c = x.shape[1]
+    return F.conv2d(x, _per_channel(kernel, c), groups=c, stride=2, padding=padding)
+
+def _swap_halves(emb):
+    """[cos, sin] -> [sin, cos] along channels (the order DDPM++/NCSN++ were trained with)."""
+    first, second = emb.chunk(2, dim=1)
+    return torch.cat([second, first], dim=1)
+
+def _drop_labels(labels, p, batch_size, training):
+    """Classifier-free-guidance label dropout: zero each sample's labels with probability p in training."""
+    if not (training and p):
+        return labels
+    keep = torch.rand([batch_size, 1], device=labels.device) >= p
+    return labels * keep.to(labels.dtype)
+
+def _role(name):
+    """What a U-Net entry does, from its name: '16x16_aux_skip' -> 'aux_skip', '8x8_block1' -> 'block1'."""
+    return name.split('_', 1)[1]
+
+def _concat_skip(x, skips, block):
+    """Decoder blocks whose input is wider than x take the newest encoder activation as well."""
+    if x.shape[1] == block.in_channels:
+        return x
+    return torch.cat([x, skips.pop()], dim=1)
 
 #----------------------------------------------------------------------------
-# Fully-connected layer.
+# Layers.
 
 @persistence.persistent_class
 class Linear(torch.nn.Module):
-    def __init__(self, in_features, out_features, bias=True, init_mode='kaiming_normal', init_weight=1, init_bias=0):
+    """Fully connected layer y = x W^T + b, initialised by `weight_init` times init_weight / init_bias."""
+
+    def __init__(self, in_features, out_features, bias=True,
+                 init_mode='kaiming_normal', init_weight=1, init_bias=0):
         super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        init_kwargs = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
-        self.weight = torch.nn.Parameter(weight_init([out_features, in_features], **init_kwargs) * init_weight)
-        self.bias = torch.nn.Parameter(weight_init([out_features], **init_kwargs) * init_bias) if bias else None
+        self.in_features, self.out_features = in_features, out_features
+        fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
+        self.weight = torch.nn.Parameter(init_weight * weight_init([out_features, in_features], **fans))
+        self.bias = torch.nn.Parameter(init_bias * weight_init([out_features], **fans)) if bias else None
 
     def forward(self, x):
-        x = x @ self.weight.to(x.dtype).t()
-        if self.bias is not None:
-            x = x.add_(self.bias.to(x.dtype))
-        return x
-
-#----------------------------------------------------------------------------
-# Convolutional layer with optional up/downsampling.
+        y = torch.matmul(x, self.weight.to(x.dtype).t())
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
 @persistence.persistent_class
 class Conv2d(torch.nn.Module):
-    def __init__(self,
-        in_channels, out_channels, kernel, bias=True, up=False, down=False,
-        resample_filter=[1,1], fused_resample=False, init_mode='kaiming_normal', init_weight=1, init_bias=0,
-    ):
+    """2-D convolution with 'same' padding and optional 2x up- or downsampling by a FIR filter.
+
+    kernel=0 gives a resampling-only layer without parameters. The filter is
+    [1,1] (box) in DDPM++/ADM and [1,3,3,1] in NCSN++ (Song et al., 2021). With
+    fused_resample the resampling and the convolution share one padding, as in
+    NCSN++'s residual input branch. The filter is a buffer only when resampling.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False,
+                 resample_filter=[1, 1], fused_resample=False, init_mode='kaiming_normal', init_weight=1, init_bias=0):
         assert not (up and down)
         super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.up = up
-        self.down = down
-        self.fused_resample = fused_resample
-        init_kwargs = dict(mode=init_mode, fan_in=in_channels*kernel*kernel, fan_out=out_channels*kernel*kernel)
-        self.weight = torch.nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **init_kwargs) * init_weight) if kernel else None
-        self.bias = torch.nn.Parameter(weight_init([out_channels], **init_kwargs) * init_bias) if kernel and bias else None
-        f = torch.as_tensor(resample_filter, dtype=torch.float32)
-        f = f.ger(f).unsqueeze(0).unsqueeze(1) / f.sum().square()
-        self.register_buffer('resample_filter', f if up or down else None)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.up, self.down, self.fused_resample = up, down, fused_resample
+        taps = kernel * kernel
+        fans = dict(mode=init_mode, fan_in=in_channels * taps, fan_out=out_channels * taps)
+        weight = weight_init([out_channels, in_channels, kernel, kernel], **fans) if kernel else None
+        self.weight = torch.nn.Parameter(init_weight * weight) if kernel else None
+        self.bias = torch.nn.Parameter(init_bias * weight_init([out_channels], **fans)) if kernel and bias else None
+        self.register_buffer('resample_filter', _fir_kernel(resample_filter) if (up or down) else None)
 
     def forward(self, x):
-        w = self.weight.to(x.dtype) if self.weight is not None else None
-        b = self.bias.to(x.dtype) if self.bias is not None else None
-        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
-        w_pad = w.shape[-1] // 2 if w is not None else 0
-        f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
-
-        if self.fused_resample and self.up and w is not None:
-            x = torch.nn.functional.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=max(f_pad - w_pad, 0))
-            x = torch.nn.functional.conv2d(x, w, padding=max(w_pad - f_pad, 0))
-        elif self.fused_resample and self.down and w is not None:
-            x = torch.nn.functional.conv2d(x, w, padding=w_pad+f_pad)
-            x = torch.nn.functional.conv2d(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
+        w = _as_dtype(self.weight, x)
+        f = _as_dtype(self.resample_filter, x)
+        w_pad = 0 if w is None else w.shape[-1] // 2
+        f_pad = 0 if f is None else (f.shape[-1] - 1) // 2
+        if self.fused_resample and w is not None and self.up:
+            x = _fir_up2(x, f, padding=max(f_pad - w_pad, 0))
+            x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
+        elif self.fused_resample and w is not None and self.down:
+            x = F.conv2d(x, w, padding=w_pad + f_pad)
+            x = _fir_down2(x, f, padding=0)
         else:
             if self.up:
-                x = torch.nn.functional.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
+                x = _fir_up2(x, f, padding=f_pad)
             if self.down:
-                x = torch.nn.functional.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
+                x = _fir_down2(x, f, padding=f_pad)
             if w is not None:
-                x = torch.nn.functional.conv2d(x, w, padding=w_pad)
-        if b is not None:
-            x = x.add_(b.reshape(1, -1, 1, 1))
+                x = F.conv2d(x, w, padding=w_pad)
+        if self.bias is not None:
+            x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
         return x
-
-#----------------------------------------------------------------------------
-# Group normalization.
 
 @persistence.persistent_class
 class GroupNorm(torch.nn.Module):
-    def __init__(self, num_channels, num_groups=32, min_channels_per_group=4, eps=1e-5):
+    """Group normalisation with at most num_groups groups of at least min_channels_per_group channels."""
+
+    def __init__(self, num_channels, num_groups=32,
+                 min_channels_per_group=4, eps=1e-5):
         super().__init__()
-        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
-        self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(num_channels))
-        self.bias = torch.nn.Parameter(torch.zeros(num_channels))
+        self.eps, self.num_groups = eps, min(num_groups, num_channels // min_channels_per_group)
+        self.weight, self.bias = torch.nn.Parameter(torch.ones(num_channels)), torch.nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x):
-        x = torch.nn.functional.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps)
-        return x
-
-#----------------------------------------------------------------------------
-# Attention weight computation, i.e., softmax(Q^T * K), in float32.
+        return F.group_norm(x, self.num_groups, _as_dtype(self.weight, x), _as_dtype(self.bias, x), self.eps)
 
 class AttentionOp(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k):
-        w = torch.einsum('ncq,nck->nqk', q.to(torch.float32), (k / np.sqrt(k.shape[1])).to(torch.float32)).softmax(dim=2).to(q.dtype)
-        ctx.save_for_backward(q, k, w)
-        return w
+    """Attention weights softmax_k(q . k / sqrt(C)) for q, k of shape [N, C, L] -> [N, Lq, Lk].
+
+    Logits, softmax and both gradients are computed in float32 whatever the
+    input precision (half-precision logits overflow); the weights come back in
+    q's dtype. The backward pass applies the softmax Jacobian explicitly,
+    dlogits = w * (dw - sum_k(dw * w)).
+    """
 
     @staticmethod
-    def backward(ctx, dw):
-        q, k, w = ctx.saved_tensors
-        db = torch._softmax_backward_data(grad_output=dw.to(torch.float32), output=w.to(torch.float32), dim=2, input_dtype=torch.float32)
-        dq = torch.einsum('nck,nqk->ncq', k.to(torch.float32), db).to(q.dtype) / np.sqrt(k.shape[1])
-        dk = torch.einsum('ncq,nqk->nck', q.to(torch.float32), db).to(k.dtype) / np.sqrt(k.shape[1])
+    def forward(ctx, q, k):
+        logits = torch.einsum('ncq,nck->nqk', q.to(torch.float32), (k / math.sqrt(k.shape[1])).to(torch.float32))
+        weights = logits.softmax(dim=2).to(q.dtype)
+        ctx.save_for_backward(q, k, weights)
+        return weights
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, weights = ctx.saved_tensors
+        root_c = math.sqrt(k.shape[1])
+        w32, dw32 = weights.to(torch.float32), grad.to(torch.float32)
+        dlogits = w32 * (dw32 - (dw32 * w32).sum(dim=2, keepdim=True))
+        dq = torch.einsum('nck,nqk->ncq', k.to(torch.float32), dlogits).to(q.dtype) / root_c
+        dk = torch.einsum('ncq,nqk->nck', q.to(torch.float32), dlogits).to(k.dtype) / root_c
         return dq, dk
 
 #----------------------------------------------------------------------------
-# U-Net encoder/decoder block with optional self-attention.
+# U-Net block and noise embeddings.
 
 @persistence.persistent_class
 class UNetBlock(torch.nn.Module):
-    def __init__(self,
-        in_channels, out_channels, emb_channels, up=False, down=False, attention=False,
-        num_heads=None, channels_per_head=64, dropout=0, skip_scale=1, eps=1e-5,
-        resample_filter=[1,1], resample_proj=False, adaptive_scale=True,
-        init=dict(), init_zero=dict(init_weight=0), init_attn=None,
-    ):
+    """Residual U-Net block shared by DDPM++/NCSN++ and ADM, optionally with self-attention.
+
+    Main path: GroupNorm, SiLU, 3x3 conv (with the block's resampling), then the
+    noise embedding enters through `affine` -- as a per-channel shift, or with
+    adaptive_scale as scale and shift around the second GroupNorm (ADM's
+    scale-shift norm) -- then SiLU, dropout and a 3x3 conv. The shortcut is a
+    1x1 conv when the channel count changes or resample_proj is set, a
+    parameter-free resampling when only the resolution changes, and identity
+    otherwise. The sum, and again the attention output plus its input, are
+    multiplied by skip_scale (1/sqrt(2) in DDPM++/NCSN++, 1 in ADM).
+    """
+
+    def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False,
+                 num_heads=None, channels_per_head=64, dropout=0, skip_scale=1, eps=1e-5,
+                 resample_filter=[1, 1], resample_proj=False, adaptive_scale=True,
+                 init=dict(), init_zero=dict(init_weight=0), init_attn=None):
         super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.emb_channels = emb_channels
-        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
-        self.dropout = dropout
-        self.skip_scale = skip_scale
-        self.adaptive_scale = adaptive_scale
+        self.in_channels, self.out_channels, self.emb_channels = in_channels, out_channels, emb_channels
+        if not attention:
+            self.num_heads = 0
+        else:
+            self.num_heads = num_heads if num_heads is not None else out_channels // channels_per_head
+        self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
+        resample = dict(up=up, down=down, resample_filter=resample_filter)
 
         self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
-        self.conv0 = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init)
-        self.affine = Linear(in_features=emb_channels, out_features=out_channels*(2 if adaptive_scale else 1), **init)
+        self.conv0 = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=3, **resample, **init)
+        emb_out = out_channels * 2 if adaptive_scale else out_channels
+        self.affine = Linear(in_features=emb_channels, out_features=emb_out, **init)
         self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)
         self.conv1 = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=3, **init_zero)
 
         self.skip = None
-        if out_channels != in_channels or up or down:
-            kernel = 1 if resample_proj or out_channels != in_channels else 0
-            self.skip = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=kernel, up=up, down=down, resample_filter=resample_filter, **init)
+        if up or down or in_channels != out_channels:
+            project = resample_proj or in_channels != out_channels
+            self.skip = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=1 if project else 0,
+                               **resample, **init)
 
         if self.num_heads:
+            qkv_init = init if init_attn is None else init_attn
             self.norm2 = GroupNorm(num_channels=out_channels, eps=eps)
-            self.qkv = Conv2d(in_channels=out_channels, out_channels=out_channels*3, kernel=1, **(init_attn if init_attn is not None else init))
+            self.qkv = Conv2d(in_channels=out_channels, out_channels=out_channels * 3, kernel=1, **qkv_init)
             self.proj = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=1, **init_zero)
 
     def forward(self, x, emb):
-        orig = x
-        x = self.conv0(silu(self.norm0(x)))
-
-        params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
+        h = self.conv0(F.silu(self.norm0(x)))
+        cond = self.affine(emb).unsqueeze(2).unsqueeze(3).to(h.dtype)
         if self.adaptive_scale:
-            scale, shift = params.chunk(chunks=2, dim=1)
-            x = silu(torch.addcmul(shift, self.norm1(x), scale + 1))
+            scale, shift = cond.chunk(chunks=2, dim=1)
+            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
         else:
-            x = silu(self.norm1(x.add_(params)))
-
-        x = self.conv1(torch.nn.functional.dropout(x, p=self.dropout, training=self.training))
-        x = x.add_(self.skip(orig) if self.skip is not None else orig)
-        x = x * self.skip_scale
-
+            h = F.silu(self.norm1(h + cond))
+        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
+        shortcut = x if self.skip is None else self.skip(x)
+        x = (h + shortcut) * self.skip_scale
         if self.num_heads:
-            q, k, v = self.qkv(self.norm2(x)).reshape(x.shape[0] * self.num_heads, x.shape[1] // self.num_heads, 3, -1).unbind(2)
-            w = AttentionOp.apply(q, k)
-            a = torch.einsum('nqk,nck->ncq', w, v)
-            x = self.proj(a.reshape(*x.shape)).add_(x)
-            x = x * self.skip_scale
+            x = (self.proj(self._attend(self.qkv(self.norm2(x)))) + x) * self.skip_scale
         return x
 
-#----------------------------------------------------------------------------
-# Timestep embedding used in the DDPM++ and ADM architectures.
+    def _attend(self, qkv):
+        """Multi-head self-attention over the pixels; qkv [N, 3C, H, W] -> [N, C, H, W]."""
+        n, c, h, w = qkv.shape[0], qkv.shape[1] // 3, qkv.shape[2], qkv.shape[3]
+        # Channel layout (head, channel, q|k|v): trained qkv weights depend on it.
+        q, k, v = qkv.reshape(n * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
+        out = torch.einsum('nqk,nck->ncq', AttentionOp.apply(q, k), v)
+        return out.reshape(n, c, h, w)
 
 @persistence.persistent_class
 class PositionalEmbedding(torch.nn.Module):
-    def __init__(self, num_channels, max_positions=10000, endpoint=False):
+    """Sinusoidal noise-level embedding [cos(x f_i), sin(x f_i)], f_i = max_positions^(-i / d)
+    with d = num_channels/2 (endpoint=False, ADM) or d = num_channels/2 - 1 (endpoint=True, DDPM++)."""
+
+    def __init__(self, num_channels,
+                 max_positions=10000, endpoint=False):
         super().__init__()
-        self.num_channels = num_channels
-        self.max_positions = max_positions
-        self.endpoint = endpoint
+        self.num_channels, self.max_positions, self.endpoint = num_channels, max_positions, endpoint
 
     def forward(self, x):
-        freqs = torch.arange(start=0, end=self.num_channels//2, dtype=torch.float32, device=x.device)
-        freqs = freqs / (self.num_channels // 2 - (1 if self.endpoint else 0))
-        freqs = (1 / self.max_positions) ** freqs
-        x = x.ger(freqs.to(x.dtype))
-        x = torch.cat([x.cos(), x.sin()], dim=1)
-        return x
-
-#----------------------------------------------------------------------------
-# Timestep embedding used in the NCSN++ architecture.
+        half = self.num_channels // 2
+        exponents = torch.arange(half, dtype=torch.float32, device=x.device) / (half - 1 if self.endpoint else half)
+        freqs = torch.pow(1 / self.max_positions, exponents)
+        angles = torch.outer(x, freqs.to(x.dtype))
+        return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 @persistence.persistent_class
 class FourierEmbedding(torch.nn.Module):
-    def __init__(self, num_channels, scale=16):
+    """Random Fourier features [cos(2 pi x f), sin(2 pi x f)] of the noise level (NCSN++);
+    the frequencies are a buffer drawn once from N(0, scale^2)."""
+
+    def __init__(self, num_channels,
+                 scale=16):
         super().__init__()
-        self.register_buffer('freqs', torch.randn(num_channels // 2) * scale)
+        self.register_buffer('freqs', scale * torch.randn(num_channels // 2))
 
     def forward(self, x):
-        x = x.ger((2 * np.pi * self.freqs).to(x.dtype))
-        x = torch.cat([x.cos(), x.sin()], dim=1)
-        return x
+        angles = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))
+        return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 #----------------------------------------------------------------------------
-# DDPM++ and NCSN++ (Song et al., 2021), as reimplemented in EDM.
+# U-Nets.
 
 @persistence.persistent_class
 class SongUNet(torch.nn.Module):
-    def __init__(self,
-        img_resolution,                     # Image resolution at input/output.
-        in_channels,                        # Number of color channels at input.
-        out_channels,                       # Number of color channels at output.
-        label_dim           = 0,            # Number of class labels, 0 = unconditional.
-        augment_dim         = 0,            # Augmentation label dimensionality, 0 = no augmentation.
+    """DDPM++ and NCSN++ (Song et al., 2021, "Score-Based Generative Modeling through SDEs"),
+    in EDM's re-implementation.
 
-        model_channels      = 128,          # Base multiplier for the number of channels.
-        channel_mult        = [1,2,2,2],    # Per-resolution multipliers for the number of channels.
-        channel_mult_emb    = 4,            # Multiplier for the dimensionality of the embedding vector.
-        num_blocks          = 4,            # Number of residual blocks per resolution.
-        attn_resolutions    = [16],         # List of resolutions with self-attention.
-        dropout             = 0.10,         # Dropout probability of intermediate activations.
-        label_dropout       = 0,            # Dropout probability of class labels for classifier-free guidance.
+    DDPM++: embedding_type='positional', channel_mult_noise=1, encoder_type='standard',
+    resample_filter=[1,1]. NCSN++: 'fourier', 2, 'residual', [1,3,3,1]. The 'skip'
+    encoder/decoder types add progressive-growing style image paths. Arguments:
+    img_resolution, in_channels, out_channels; label_dim (0 = unconditional);
+    augment_dim (0 = no augmentation labels); model_channels (base width);
+    channel_mult (per-resolution width multipliers); channel_mult_emb (embedding
+    width / model_channels); num_blocks (per resolution); attn_resolutions;
+    dropout; label_dropout (for classifier-free guidance).
+    """
 
-        embedding_type      = 'positional', # Timestep embedding type: 'positional' for DDPM++, 'fourier' for NCSN++.
-        channel_mult_noise  = 1,            # Timestep embedding size: 1 for DDPM++, 2 for NCSN++.
-        encoder_type        = 'standard',   # Encoder architecture: 'standard' for DDPM++, 'residual' for NCSN++.
-        decoder_type        = 'standard',   # Decoder architecture: 'standard' for both DDPM++ and NCSN++.
-        resample_filter     = [1,1],        # Resampling filter: [1,1] for DDPM++, [1,3,3,1] for NCSN++.
-    ):
-        assert embedding_type in ['fourier', 'positional']
-        assert encoder_type in ['standard', 'skip', 'residual']
-        assert decoder_type in ['standard', 'skip']
-
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
+                 model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult_emb=4, num_blocks=4,
+                 attn_resolutions=[16], dropout=0.10, label_dropout=0,
+                 embedding_type='positional', channel_mult_noise=1, encoder_type='standard',
+                 decoder_type='standard', resample_filter=[1, 1]):
+        for arg, value, allowed in (('embedding_type', embedding_type, ('positional', 'fourier')),
+                                    ('encoder_type', encoder_type, ('standard', 'skip', 'residual')),
+                                    ('decoder_type', decoder_type, ('standard', 'skip'))):
+            if value not in allowed:
+                raise ValueError(f'{arg} must be one of {allowed}, got {value!r}')
         super().__init__()
         self.label_dropout = label_dropout
-        emb_channels = model_channels * channel_mult_emb
-        noise_channels = model_channels * channel_mult_noise
-        init = dict(init_mode='xavier_uniform')
-        init_zero = dict(init_mode='xavier_uniform', init_weight=1e-5)
-        init_attn = dict(init_mode='xavier_uniform', init_weight=np.sqrt(0.2))
-        block_kwargs = dict(
-            emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=np.sqrt(0.5), eps=1e-6,
-            resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
-            init=init, init_zero=init_zero, init_attn=init_attn,
-        )
+        emb_channels, noise_channels = model_channels * channel_mult_emb, model_channels * channel_mult_noise
+        xavier = dict(init_mode='xavier_uniform')
+        near_zero = dict(xavier, init_weight=1e-5)  # residual branches start almost switched off
+        block = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
+                     resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
+                     init=xavier, init_zero=near_zero, init_attn=dict(xavier, init_weight=math.sqrt(0.2)))
 
-        # Mapping.
-        self.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True) if embedding_type == 'positional' else FourierEmbedding(num_channels=noise_channels)
-        self.map_label = Linear(in_features=label_dim, out_features=noise_channels, **init) if label_dim else None
-        self.map_augment = Linear(in_features=augment_dim, out_features=noise_channels, bias=False, **init) if augment_dim else None
-        self.map_layer0 = Linear(in_features=noise_channels, out_features=emb_channels, **init)
-        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+        # Mapping network: noise level (+ labels) -> embedding.
+        if embedding_type == 'fourier':
+            self.map_noise = FourierEmbedding(num_channels=noise_channels)
+        else:
+            self.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True)
+        self.map_label = Linear(in_features=label_dim, out_features=noise_channels, **xavier) if label_dim else None
+        self.map_augment = None
+        if augment_dim:  # augmentation labels are added without a bias
+            self.map_augment = Linear(in_features=augment_dim, out_features=noise_channels, bias=False, **xavier)
+        self.map_layer0 = Linear(in_features=noise_channels, out_features=emb_channels, **xavier)
+        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **xavier)
 
-        # Encoder.
+        # Encoder. Entries named *_aux_* act on the auxiliary image path, not on the main features.
         self.enc = torch.nn.ModuleDict()
-        cout = in_channels
-        caux = in_channels
+        width = in_channels
+        aux_width = in_channels
         for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                cin = cout
-                cout = model_channels
-                self.enc[f'{res}x{res}_conv'] = Conv2d(in_channels=cin, out_channels=cout, kernel=3, **init)
-            else:
-                self.enc[f'{res}x{res}_down'] = UNetBlock(in_channels=cout, out_channels=cout, down=True, **block_kwargs)
+            tag = f'{img_resolution >> level}x{img_resolution >> level}'
+            if level > 0:
+                self.enc[f'{tag}_down'] = UNetBlock(in_channels=width, out_channels=width, down=True, **block)
                 if encoder_type == 'skip':
-                    self.enc[f'{res}x{res}_aux_down'] = Conv2d(in_channels=caux, out_channels=caux, kernel=0, down=True, resample_filter=resample_filter)
-                    self.enc[f'{res}x{res}_aux_skip'] = Conv2d(in_channels=caux, out_channels=cout, kernel=1, **init)
-                if encoder_type == 'residual':
-                    self.enc[f'{res}x{res}_aux_residual'] = Conv2d(in_channels=caux, out_channels=cout, kernel=3, down=True, resample_filter=resample_filter, fused_resample=True, **init)
-                    caux = cout
-            for idx in range(num_blocks):
-                cin = cout
-                cout = model_channels * mult
-                attn = (res in attn_resolutions)
-                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=cin, out_channels=cout, attention=attn, **block_kwargs)
-        skips = [block.out_channels for name, block in self.enc.items() if 'aux' not in name]
-
-        # Decoder.
-        self.dec = torch.nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f'{res}x{res}_in0'] = UNetBlock(in_channels=cout, out_channels=cout, attention=True, **block_kwargs)
-                self.dec[f'{res}x{res}_in1'] = UNetBlock(in_channels=cout, out_channels=cout, **block_kwargs)
+                    self.enc[f'{tag}_aux_down'] = Conv2d(in_channels=aux_width, out_channels=aux_width, kernel=0,
+                                                         down=True, resample_filter=resample_filter)
+                    self.enc[f'{tag}_aux_skip'] = Conv2d(in_channels=aux_width, out_channels=width, kernel=1, **xavier)
+                elif encoder_type == 'residual':
+                    self.enc[f'{tag}_aux_residual'] = Conv2d(in_channels=aux_width, out_channels=width, kernel=3, down=True,
+                                                             resample_filter=resample_filter, fused_resample=True, **xavier)
+                    aux_width = width
             else:
-                self.dec[f'{res}x{res}_up'] = UNetBlock(in_channels=cout, out_channels=cout, up=True, **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin = cout + skips.pop()
-                cout = model_channels * mult
-                attn = (idx == num_blocks and res in attn_resolutions)
-                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=cin, out_channels=cout, attention=attn, **block_kwargs)
-            if decoder_type == 'skip' or level == 0:
-                if decoder_type == 'skip' and level < len(channel_mult) - 1:
-                    self.dec[f'{res}x{res}_aux_up'] = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=0, up=True, resample_filter=resample_filter)
-                self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(num_channels=cout, eps=1e-6)
-                self.dec[f'{res}x{res}_aux_conv'] = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
+                self.enc[f'{tag}_conv'] = Conv2d(in_channels=width, out_channels=model_channels, kernel=3, **xavier)
+                width = model_channels
+            has_attn = (img_resolution >> level) in attn_resolutions
+            for idx in range(num_blocks):
+                self.enc[f'{tag}_block{idx}'] = UNetBlock(in_channels=width, out_channels=model_channels * mult,
+                                                          attention=has_attn, **block)
+                width = model_channels * mult
+        skip_widths = [m.out_channels for name, m in self.enc.items() if not _role(name).startswith('aux')]
 
-    def forward(self, x, noise_labels, class_labels, augment_labels=None):
-        # Mapping.
-        emb = self.map_noise(noise_labels)
-        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape) # swap sin/cos
+        # Decoder; the output is the sum of the *_aux_conv heads (one, at full resolution, unless decoder 'skip').
+        self.dec = torch.nn.ModuleDict()
+        lowest = len(channel_mult) - 1
+        for level in range(lowest, -1, -1):
+            res = img_resolution >> level
+            tag = f'{res}x{res}'
+            if level < lowest:
+                self.dec[f'{tag}_up'] = UNetBlock(in_channels=width, out_channels=width, up=True, **block)
+            else:
+                self.dec[f'{tag}_in0'] = UNetBlock(in_channels=width, out_channels=width, attention=True, **block)
+                self.dec[f'{tag}_in1'] = UNetBlock(in_channels=width, out_channels=width, **block)
+            for idx in range(num_blocks + 1):
+                wide = width + skip_widths.pop()
+                width = model_channels * channel_mult[level]
+                self.dec[f'{tag}_block{idx}'] = UNetBlock(in_channels=wide, out_channels=width,
+                                                          attention=(idx == num_blocks and res in attn_resolutions), **block)
+            if level == 0 or decoder_type == 'skip':
+                if decoder_type == 'skip' and level < lowest:
+                    self.dec[f'{tag}_aux_up'] = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=0,
+                                                       up=True, resample_filter=resample_filter)
+                self.dec[f'{tag}_aux_norm'] = GroupNorm(num_channels=width, eps=1e-6)
+                self.dec[f'{tag}_aux_conv'] = Conv2d(in_channels=width, out_channels=out_channels, kernel=3, **near_zero)
+
+    def _embedding(self, noise_labels, class_labels, augment_labels, batch_size):
+        emb = _swap_halves(self.map_noise(noise_labels))
         if self.map_label is not None:
-            tmp = class_labels
-            if self.training and self.label_dropout:
-                tmp = tmp * (torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout).to(tmp.dtype)
-            emb = emb + self.map_label(tmp * np.sqrt(self.map_label.in_features))
+            labels = _drop_labels(class_labels, self.label_dropout, batch_size, self.training)
+            emb = emb + self.map_label(labels * math.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
-        emb = silu(self.map_layer0(emb))
-        emb = silu(self.map_layer1(emb))
+        emb = F.silu(self.map_layer0(emb))
+        return F.silu(self.map_layer1(emb))
 
-        # Encoder.
-        skips = []
-        aux = x
-        for name, block in self.enc.items():
-            if 'aux_down' in name:
-                aux = block(aux)
-            elif 'aux_skip' in name:
-                x = skips[-1] = x + block(aux)
-            elif 'aux_residual' in name:
-                x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
+    def forward(self, x, noise_labels, class_labels, augment_labels=None):
+        emb = self._embedding(noise_labels, class_labels, augment_labels, x.shape[0])
+
+        skips, aux = [], x
+        for name, layer in self.enc.items():
+            role = _role(name)
+            if role == 'aux_down':
+                aux = layer(aux)
+            elif role == 'aux_skip':
+                x = x + layer(aux)
+                skips[-1] = x
+            elif role == 'aux_residual':
+                x = (x + layer(aux)) / math.sqrt(2)
+                skips[-1] = aux = x
             else:
-                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                x = layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)
                 skips.append(x)
 
-        # Decoder.
-        aux = None
-        tmp = None
-        for name, block in self.dec.items():
-            if 'aux_up' in name:
-                aux = block(aux)
-            elif 'aux_norm' in name:
-                tmp = block(x)
-            elif 'aux_conv' in name:
-                tmp = block(silu(tmp))
-                aux = tmp if aux is None else tmp + aux
+        out, head = None, None
+        for name, layer in self.dec.items():
+            role = _role(name)
+            if role == 'aux_up':
+                out = layer(out)
+            elif role == 'aux_norm':
+                head = layer(x)
+            elif role == 'aux_conv':
+                head = layer(F.silu(head))
+                out = head if out is None else head + out
             else:
-                if x.shape[1] != block.in_channels:
-                    x = torch.cat([x, skips.pop()], dim=1)
-                x = block(x, emb)
-        return aux
-
-#----------------------------------------------------------------------------
-# ADM (Dhariwal & Nichol, 2021), as reimplemented in EDM.
+                x = layer(_concat_skip(x, skips, layer), emb)
+        return out
 
 @persistence.persistent_class
 class DhariwalUNet(torch.nn.Module):
-    def __init__(self,
-        img_resolution,                     # Image resolution at input/output.
-        in_channels,                        # Number of color channels at input.
-        out_channels,                       # Number of color channels at output.
-        label_dim           = 0,            # Number of class labels, 0 = unconditional.
-        augment_dim         = 0,            # Augmentation label dimensionality, 0 = no augmentation.
+    """ADM (Dhariwal & Nichol, 2021, "Diffusion Models Beat GANs on Image Synthesis"), in EDM's
+    re-implementation: scale-shift norm, 64-channel attention heads, Kaiming-uniform init.
+    Arguments as for SongUNet (without the DDPM++/NCSN++ switches)."""
 
-        model_channels      = 192,          # Base multiplier for the number of channels.
-        channel_mult        = [1,2,3,4],    # Per-resolution multipliers for the number of channels.
-        channel_mult_emb    = 4,            # Multiplier for the dimensionality of the embedding vector.
-        num_blocks          = 3,            # Number of residual blocks per resolution.
-        attn_resolutions    = [32,16,8],    # List of resolutions with self-attention.
-        dropout             = 0.10,         # List of resolutions with self-attention.
-        label_dropout       = 0,            # Dropout probability of class labels for classifier-free guidance.
-    ):
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
+                 model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3,
+                 attn_resolutions=[32, 16, 8], dropout=0.10, label_dropout=0):
         super().__init__()
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
-        init = dict(init_mode='kaiming_uniform', init_weight=np.sqrt(1/3), init_bias=np.sqrt(1/3))
-        init_zero = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
-        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero)
+        kaiming = dict(init_mode='kaiming_uniform', init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
+        zero = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)  # still draws, keeping the RNG order
+        block = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=kaiming, init_zero=zero)
 
-        # Mapping.
+        # Mapping network.
         self.map_noise = PositionalEmbedding(num_channels=model_channels)
-        self.map_augment = Linear(in_features=augment_dim, out_features=model_channels, bias=False, **init_zero) if augment_dim else None
-        self.map_layer0 = Linear(in_features=model_channels, out_features=emb_channels, **init)
-        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
-        self.map_label = Linear(in_features=label_dim, out_features=emb_channels, bias=False, init_mode='kaiming_normal', init_weight=np.sqrt(label_dim)) if label_dim else None
+        self.map_augment = Linear(in_features=augment_dim, out_features=model_channels, bias=False, **zero) if augment_dim else None
+        self.map_layer0 = Linear(in_features=model_channels, out_features=emb_channels, **kaiming)
+        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **kaiming)
+        self.map_label = None
+        if label_dim:
+            self.map_label = Linear(in_features=label_dim, out_features=emb_channels, bias=False,
+                                    init_mode='kaiming_normal', init_weight=math.sqrt(label_dim))
 
         # Encoder.
         self.enc = torch.nn.ModuleDict()
-        cout = in_channels
+        width = in_channels
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
-            if level == 0:
-                cin = cout
-                cout = model_channels * mult
-                self.enc[f'{res}x{res}_conv'] = Conv2d(in_channels=cin, out_channels=cout, kernel=3, **init)
+            if level > 0:
+                self.enc[f'{res}x{res}_down'] = UNetBlock(in_channels=width, out_channels=width, down=True, **block)
             else:
-                self.enc[f'{res}x{res}_down'] = UNetBlock(in_channels=cout, out_channels=cout, down=True, **block_kwargs)
+                self.enc[f'{res}x{res}_conv'] = Conv2d(in_channels=width, out_channels=model_channels * mult, kernel=3, **kaiming)
+                width = model_channels * mult
             for idx in range(num_blocks):
-                cin = cout
-                cout = model_channels * mult
-                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=cin, out_channels=cout, attention=(res in attn_resolutions), **block_kwargs)
-        skips = [block.out_channels for block in self.enc.values()]
+                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=width, out_channels=model_channels * mult,
+                                                                attention=res in attn_resolutions, **block)
+                width = model_channels * mult
+        skip_widths = [m.out_channels for m in self.enc.values()]
 
         # Decoder.
         self.dec = torch.nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
+        lowest = len(channel_mult) - 1
+        for level in range(lowest, -1, -1):
             res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f'{res}x{res}_in0'] = UNetBlock(in_channels=cout, out_channels=cout, attention=True, **block_kwargs)
-                self.dec[f'{res}x{res}_in1'] = UNetBlock(in_channels=cout, out_channels=cout, **block_kwargs)
+            if level < lowest:
+                self.dec[f'{res}x{res}_up'] = UNetBlock(in_channels=width, out_channels=width, up=True, **block)
             else:
-                self.dec[f'{res}x{res}_up'] = UNetBlock(in_channels=cout, out_channels=cout, up=True, **block_kwargs)
+                self.dec[f'{res}x{res}_in0'] = UNetBlock(in_channels=width, out_channels=width, attention=True, **block)
+                self.dec[f'{res}x{res}_in1'] = UNetBlock(in_channels=width, out_channels=width, **block)
             for idx in range(num_blocks + 1):
-                cin = cout + skips.pop()
-                cout = model_channels * mult
-                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=cin, out_channels=cout, attention=(res in attn_resolutions), **block_kwargs)
-        self.out_norm = GroupNorm(num_channels=cout)
-        self.out_conv = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
+                wide = width + skip_widths.pop()
+                width = model_channels * channel_mult[level]
+                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=wide, out_channels=width,
+                                                                attention=res in attn_resolutions, **block)
+        self.out_norm = GroupNorm(num_channels=width)
+        self.out_conv = Conv2d(in_channels=width, out_channels=out_channels, kernel=3, **zero)
 
-    def forward(self, x, noise_labels, class_labels, augment_labels=None):
-        # Mapping.
+    def _embedding(self, noise_labels, class_labels, augment_labels, batch_size):
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
-        emb = silu(self.map_layer0(emb))
-        emb = self.map_layer1(emb)
+        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
         if self.map_label is not None:
-            tmp = class_labels
-            if self.training and self.label_dropout:
-                tmp = tmp * (torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout).to(tmp.dtype)
-            emb = emb + self.map_label(tmp)
-        emb = silu(emb)
+            emb = emb + self.map_label(_drop_labels(class_labels, self.label_dropout, batch_size, self.training))
+        return F.silu(emb)
 
-        # Encoder.
+    def forward(self, x, noise_labels, class_labels, augment_labels=None):
+        emb = self._embedding(noise_labels, class_labels, augment_labels, x.shape[0])
         skips = []
-        for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+        for layer in self.enc.values():
+            x = layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)
             skips.append(x)
-
-        # Decoder.
-        for block in self.dec.values():
-            if x.shape[1] != block.in_channels:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb)
-        x = self.out_conv(silu(self.out_norm(x)))
-        return x
+        for layer in self.dec.values():
+            x = layer(_concat_skip(x, skips, layer), emb)
+        return self.out_conv(F.silu(self.out_norm(x)))
 
 #----------------------------------------------------------------------------
-# Preconditioning corresponding to the variance preserving (VP) formulation.
+# Preconditionings: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (EDM, Table 1).
 
-@persistence.persistent_class
-class VPPrecond(torch.nn.Module):
-    def __init__(self,
-        img_resolution,                 # Image resolution.
-        img_channels,                   # Number of color channels.
-        label_dim       = 0,            # Number of class labels, 0 = unconditional.
-        use_fp16        = False,        # Execute the underlying model at FP16 precision?
-        beta_d          = 19.9,         # Extent of the noise level schedule.
-        beta_min        = 0.1,          # Initial slope of the noise level schedule.
-        M               = 1000,         # Original number of timesteps in the DDPM formulation.
-        epsilon_t       = 1e-5,         # Minimum t-value used during training.
-        model_type      = 'SongUNet',   # Class name of the underlying model.
-        **model_kwargs,                 # Keyword arguments for the underlying model.
-    ):
-        super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
+def _vp_sigma(t, beta_d, beta_min):
+    """VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1).
+
+    Deliberately exp() - 1 rather than expm1(): EDM's sigma_min is the float32
+    value of this expression (0.0009765625 for the defaults), see docs/compat.md.
+    """
+    return (0.5 * beta_d * (t ** 2) + beta_min * t).exp().sub(1).sqrt()
+
+def _vp_sigma_inv(sigma, beta_d, beta_min):
+    """Inverse of `_vp_sigma` (the positive root of the quadratic in t)."""
+    return ((beta_min ** 2 + 2 * beta_d * (1 + sigma ** 2).log()).sqrt() - beta_min) / beta_d
+
+def _iddpm_alpha_bar(j, M, C_2):
+    """Cosine schedule of iDDPM, alpha_bar(j) = sin(pi/2 * j / M / (1 + C_2))^2."""
+    return (0.5 * math.pi * j / M / (C_2 + 1)).sin() ** 2
+
+class _Preconditioned(torch.nn.Module):
+    """What the four preconditionings share: attributes, backbone and the denoiser formula.
+
+    Subclasses set `_out_channels_per_image` and implement `_coefficients(sigma)`.
+    The backbone runs in float16 only for use_fp16 on CUDA without force_fp32;
+    inputs, coefficients and the result are float32 (docs/compat.md).
+    """
+
+    _out_channels_per_image = 1
+
+    def _attach(self, img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs):
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
         self.use_fp16 = use_fp16
-        self.beta_d = beta_d
-        self.beta_min = beta_min
-        self.M = M
-        self.epsilon_t = epsilon_t
-        self.sigma_min = float(self.sigma(epsilon_t))
-        self.sigma_max = float(self.sigma(1))
-        self.model = globals()[model_type](img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels, label_dim=label_dim, **model_kwargs)
+        backbone = globals()[model_type]
+        self.model = backbone(img_resolution=img_resolution, in_channels=img_channels,
+                              out_channels=img_channels * self._out_channels_per_image, label_dim=label_dim, **model_kwargs)
+
+    def _labels(self, class_labels, device):
+        if not self.label_dim:
+            return None
+        if class_labels is None:
+            return torch.zeros([1, self.label_dim], device=device)
+        return class_labels.to(torch.float32).reshape(-1, self.label_dim)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        """Denoised images (float32) for noisy x at noise levels sigma (one per image, or one for all);
+        class_labels are one-hot [N, label_dim]; model_kwargs (augment_labels) go to the backbone."""
         x = x.to(torch.float32)
-        sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
-        class_labels = None if self.label_dim == 0 else torch.zeros([1, self.label_dim], device=x.device) if class_labels is None else class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == 'cuda') else torch.float32
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        class_labels = self._labels(class_labels, x.device)
+        half = self.use_fp16 and not force_fp32 and x.device.type == 'cuda'
+        dtype = torch.float16 if half else torch.float32
 
-        c_skip = 1
-        c_out = -sigma
-        c_in = 1 / (sigma ** 2 + 1).sqrt()
-        c_noise = (self.M - 1) * self.sigma_inv(sigma)
-
+        c_skip, c_out, c_in, c_noise = self._coefficients(sigma)
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         assert F_x.dtype == dtype
-        D_x = c_skip * x + c_out * F_x.to(torch.float32)
-        return D_x
+        F_x = F_x[:, :self.img_channels]  # iDDPM's backbone also predicts variances; they are not used
+        return c_skip * x + c_out * F_x.to(torch.float32)
+
+    def round_sigma(self, sigma):
+        """Noise levels the network accepts: any (the discrete iDDPM overrides this)."""
+        return torch.as_tensor(sigma)
+
+@persistence.persistent_class
+class VPPrecond(_Preconditioned):
+    """Variance preserving formulation (Song et al., 2021, VP SDE) as in EDM's "VP" baseline.
+
+    t in [epsilon_t, 1] with sigma(t) from beta_d and beta_min; the network gets
+    (M - 1) t as its noise label and predicts the noise, negated (c_out = -sigma).
+    """
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, beta_d=19.9, beta_min=0.1,
+                 M=1000, epsilon_t=1e-5, model_type='SongUNet', **model_kwargs):
+        super().__init__()
+        self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
+        # Float32 on the CPU as in EDM, also when the network is built on another (e.g. meta) device.
+        self.sigma_min = float(_vp_sigma(torch.tensor(epsilon_t, device='cpu'), beta_d, beta_min))
+        self.sigma_max = float(_vp_sigma(torch.tensor(1, device='cpu'), beta_d, beta_min))
+        self._attach(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
+
+    def _coefficients(self, sigma):
+        c_in = 1 / (sigma ** 2 + 1).sqrt()
+        return 1, -sigma, c_in, (self.M - 1) * self.sigma_inv(sigma)
 
     def sigma(self, t):
-        t = torch.as_tensor(t)
-        return ((0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp() - 1).sqrt()
+        """Noise level at VP time t."""
+        return _vp_sigma(torch.as_tensor(t), self.beta_d, self.beta_min)
 
     def sigma_inv(self, sigma):
-        sigma = torch.as_tensor(sigma)
-        return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
+        """VP time of noise level sigma."""
+        return _vp_sigma_inv(torch.as_tensor(sigma), self.beta_d, self.beta_min)
 
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
-
-#----------------------------------------------------------------------------
-# Preconditioning corresponding to the variance exploding (VE) formulation.
-
-@persistence.persistent_class
-class VEPrecond(torch.nn.Module):
-    def __init__(self,
-        img_resolution,                 # Image resolution.
-        img_channels,                   # Number of color channels.
-        label_dim       = 0,            # Number of class labels, 0 = unconditional.
-        use_fp16        = False,        # Execute the underlying model at FP16 precision?
-        sigma_min       = 0.02,         # Minimum supported noise level.
-        sigma_max       = 100,          # Maximum supported noise level.
-        model_type      = 'SongUNet',   # Class name of the underlying model.
-        **model_kwargs,                 # Keyword arguments for the underlying model.
-    ):
-        super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
-        self.sigma_min = sigma_min
-        self.sigma_max = sigma_max
-        self.model = globals()[model_type](img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels, label_dim=label_dim, **model_kwargs)
-
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        x = x.to(torch.float32)
-        sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
-        class_labels = None if self.label_dim == 0 else torch.zeros([1, self.label_dim], device=x.device) if class_labels is None else class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == 'cuda') else torch.float32
-
-        c_skip = 1
-        c_out = sigma
-        c_in = 1
-        c_noise = (0.5 * sigma).log()
-
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        assert F_x.dtype == dtype
-        D_x = c_skip * x + c_out * F_x.to(torch.float32)
-        return D_x
-
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
-
-#----------------------------------------------------------------------------
-# Preconditioning corresponding to improved DDPM (iDDPM) formulation.
+    def sigma_deriv(self, t):
+        """d sigma / dt = (beta_min + beta_d t) (sigma + 1 / sigma) / 2."""
+        t = torch.as_tensor(t)
+        s = self.sigma(t)
+        return 0.5 * (self.beta_min + self.beta_d * t) * (s + 1 / s)
 
 @persistence.persistent_class
-class iDDPMPrecond(torch.nn.Module):
-    def __init__(self,
-        img_resolution,                     # Image resolution.
-        img_channels,                       # Number of color channels.
-        label_dim       = 0,                # Number of class labels, 0 = unconditional.
-        use_fp16        = False,            # Execute the underlying model at FP16 precision?
-        C_1             = 0.001,            # Timestep adjustment at low noise levels.
-        C_2             = 0.008,            # Timestep adjustment at high noise levels.
-        M               = 1000,             # Original number of timesteps in the DDPM formulation.
-        model_type      = 'DhariwalUNet',   # Class name of the underlying model.
-        **model_kwargs,                     # Keyword arguments for the underlying model.
-    ):
-        super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
-        self.C_1 = C_1
-        self.C_2 = C_2
-        self.M = M
-        self.model = globals()[model_type](img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels*2, label_dim=label_dim, **model_kwargs)
+class VEPrecond(_Preconditioned):
+    """Variance exploding formulation (Song et al., 2021, VE SDE / NCSN) as in EDM's "VE" baseline:
+    the network sees x unscaled and log(sigma / 2), and predicts noise scaled by sigma."""
 
-        u = torch.zeros(M + 1)
-        for j in range(M, 0, -1): # M, ..., 1
-            u[j - 1] = ((u[j] ** 2 + 1) / (self.alpha_bar(j - 1) / self.alpha_bar(j)).clip(min=C_1) - 1).sqrt()
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0.02, sigma_max=100,
+                 model_type='SongUNet', **model_kwargs):
+        super().__init__()
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self._attach(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
+
+    def _coefficients(self, sigma):
+        return 1, sigma, 1, (0.5 * sigma).log()
+
+@persistence.persistent_class
+class iDDPMPrecond(_Preconditioned):
+    """Improved DDPM (Nichol & Dhariwal, 2021) in EDM's formulation: a cosine schedule with M steps,
+    evaluated only at its discrete noise levels `u` (the buffer), with the step index as noise label.
+    The backbone has 2 x img_channels outputs (mean and variance); only the first half is used.
+    """
+
+    _out_channels_per_image = 2
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, C_1=0.001, C_2=0.008, M=1000,
+                 model_type='DhariwalUNet', **model_kwargs):
+        super().__init__()
+        self.C_1, self.C_2, self.M = C_1, C_2, M
+        self._attach(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
+        u = self._noise_levels()
         self.register_buffer('u', u)
-        self.sigma_min = float(u[M - 1])
-        self.sigma_max = float(u[0])
+        self.sigma_min, self.sigma_max = float(u[M - 1]), float(u[0])
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        x = x.to(torch.float32)
-        sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
-        class_labels = None if self.label_dim == 0 else torch.zeros([1, self.label_dim], device=x.device) if class_labels is None else class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == 'cuda') else torch.float32
+    def _noise_levels(self):
+        """u_0 > ... > u_M = 0 by u_{j-1} = sqrt((u_j^2 + 1) / max(alpha_bar(j-1) / alpha_bar(j), C_1) - 1).
 
-        c_skip = 1
-        c_out = -sigma
+        One element at a time in float32 on the CPU, as EDM evaluates it, so the
+        table (and sigma_min/sigma_max) agree with EDM's to the last bit.
+        """
+        abar = [_iddpm_alpha_bar(torch.tensor(j, device='cpu'), self.M, self.C_2) for j in range(self.M + 1)]
+        levels = [torch.zeros([], device='cpu')]
+        for j in range(self.M, 0, -1):
+            ratio = (abar[j - 1] / abar[j]).clamp(min=self.C_1)
+            levels.append(((levels[-1] ** 2 + 1) / ratio - 1).sqrt())
+        return torch.stack(levels[::-1])
+
+    def _coefficients(self, sigma):
         c_in = 1 / (sigma ** 2 + 1).sqrt()
-        c_noise = self.M - 1 - self.round_sigma(sigma, return_index=True).to(torch.float32)
-
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        assert F_x.dtype == dtype
-        D_x = c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
-        return D_x
+        step = self.round_sigma(sigma, return_index=True).to(torch.float32)
+        return 1, -sigma, c_in, self.M - 1 - step
 
     def alpha_bar(self, j):
-        j = torch.as_tensor(j)
-        return (0.5 * np.pi * j / self.M / (self.C_2 + 1)).sin() ** 2
+        """Cosine-schedule alpha_bar at step j."""
+        return _iddpm_alpha_bar(torch.as_tensor(j), self.M, self.C_2)
 
     def round_sigma(self, sigma, return_index=False):
+        """Nearest table entry u_j to each sigma (or the index j), in sigma's shape, dtype and device."""
         sigma = torch.as_tensor(sigma)
-        index = torch.cdist(sigma.to(self.u.device).to(torch.float32).reshape(1, -1, 1), self.u.reshape(1, -1, 1)).argmin(2)
-        result = index if return_index else self.u[index.flatten()].to(sigma.dtype)
-        return result.reshape(sigma.shape).to(sigma.device)
-
-#----------------------------------------------------------------------------
-# Improved preconditioning proposed in EDM.
+        points = sigma.to(self.u.device).to(torch.float32).reshape(1, -1, 1)
+        index = torch.cdist(points, self.u.reshape(1, -1, 1)).argmin(2).reshape(sigma.shape)
+        result = index if return_index else self.u[index].to(sigma.dtype)
+        return result.to(sigma.device)
 
 @persistence.persistent_class
-class EDMPrecond(torch.nn.Module):
-    def __init__(self,
-        img_resolution,                     # Image resolution.
-        img_channels,                       # Number of color channels.
-        label_dim       = 0,                # Number of class labels, 0 = unconditional.
-        use_fp16        = False,            # Execute the underlying model at FP16 precision?
-        sigma_min       = 0,                # Minimum supported noise level.
-        sigma_max       = float('inf'),     # Maximum supported noise level.
-        sigma_data      = 0.5,              # Expected standard deviation of the training data.
-        model_type      = 'DhariwalUNet',   # Class name of the underlying model.
-        **model_kwargs,                     # Keyword arguments for the underlying model.
-    ):
+class EDMPrecond(_Preconditioned):
+    """EDM's own preconditioning (Karras et al., 2022, Table 1): unit-variance network input and
+    training target for data of standard deviation sigma_data, noise label log(sigma) / 4."""
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0, sigma_max=float('inf'),
+                 sigma_data=0.5, model_type='DhariwalUNet', **model_kwargs):
         super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
-        self.sigma_min = sigma_min
-        self.sigma_max = sigma_max
-        self.sigma_data = sigma_data
-        self.model = globals()[model_type](img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels, label_dim=label_dim, **model_kwargs)
+        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+        self._attach(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        x = x.to(torch.float32)
-        sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
-        class_labels = None if self.label_dim == 0 else torch.zeros([1, self.label_dim], device=x.device) if class_labels is None else class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == 'cuda') else torch.float32
-
-        c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
-        c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
-        c_in = 1 / (self.sigma_data ** 2 + sigma ** 2).sqrt()
-        c_noise = sigma.log() / 4
-
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        assert F_x.dtype == dtype
-        D_x = c_skip * x + c_out * F_x.to(torch.float32)
-        return D_x
-
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
-
-#----------------------------------------------------------------------------
+    def _coefficients(self, sigma):
+        sd = self.sigma_data
+        total = sigma ** 2 + sd ** 2
+        return sd ** 2 / total, sigma * sd / total.sqrt(), 1 / total.sqrt(), sigma.log() / 4

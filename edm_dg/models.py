@@ -1,0 +1,58 @@
+"""The one model loader of the commands: EDM network + optional discriminator, validated together.
+
+Rank 0 loads (and downloads into the cache) first; the other torchrun ranks then
+read its cache. Every mismatch between the network, the classifier and the head
+is refused with one line naming the file and the fix.
+"""
+
+from torch_utils import distributed as dist
+from .disc_checkpoint import load_discriminator
+from .pickles import load_network_pickle
+
+def load_models(network_pkl, device, *, disc_path=None, classifier_path=None, trust_pickle=False,
+                lora_alpha=None, disc_time=None, log=None):
+    """(net, disc): the frozen sampling network of an EDM pickle and the frozen Discriminator (or None)."""
+    log = log or dist.print0
+    if disc_path is not None and classifier_path is None:
+        raise ValueError(f'{disc_path}: a discriminator needs its feature extractor; pass --classifier (e.g. 32x32_classifier.pt)')
+    if disc_path is None and classifier_path is not None:
+        raise ValueError(f'{classifier_path}: --classifier given without --disc; pass the discriminator head as --disc')
+    if dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        log(f'Loading network from "{network_pkl}"...')
+        net = load_network_pickle(network_pkl, trust_pickle=trust_pickle, verbose=(dist.get_rank() == 0))
+        net = net.eval().requires_grad_(False).to(device)
+        disc = None
+        if disc_path is not None:
+            log(f'Loading discriminator from "{disc_path}" with classifier "{classifier_path}"...')
+            disc = load_discriminator(disc_path, classifier_path, device=device, time_schedule=disc_time, lora_alpha=lora_alpha)
+            log(f'Discriminator time convention: {disc.time_schedule} (classifier fed {disc.time_schedule} time)')
+    finally:
+        if dist.get_rank() == 0:
+            dist.barrier()
+    check_pair(net, disc, network_pkl, disc_path, classifier_path)
+    return net, disc
+
+def check_pair(net, disc, network_pkl='--network', disc_path='--disc', classifier_path='--classifier'):
+    """Refuse a discriminator that cannot judge this network's images."""
+    if disc is None:
+        return
+    if disc.cond and not net.label_dim:
+        raise ValueError(f'{disc_path}: class-conditional discriminator but {network_pkl} is unconditional; use an unconditional discriminator')
+    if disc.cond and disc.head.label_emb.num_embeddings != net.label_dim:
+        raise ValueError(f'{disc_path}: head has {disc.head.label_emb.num_embeddings} classes but {network_pkl} has {net.label_dim}; '
+                         f'pass the discriminator trained for this network')
+    c = disc.classifier
+    if c.image_size != net.img_resolution or c.in_channels != net.img_channels:
+        raise ValueError(f'{classifier_path}: classifier takes {c.in_channels}x{c.image_size}x{c.image_size} images but '
+                         f'{network_pkl} makes {net.img_channels}x{net.img_resolution}x{net.img_resolution}; pass a matching classifier')
+
+def check_class(net, class_idx, network_pkl='--network'):
+    """Refuse a --class the network cannot take."""
+    if class_idx is None:
+        return
+    if not net.label_dim:
+        raise ValueError(f'{network_pkl}: --class given but the network is unconditional; drop --class')
+    if class_idx >= net.label_dim:
+        raise ValueError(f'--class={class_idx} out of range: {network_pkl} has {net.label_dim} classes (0-{net.label_dim - 1})')
