@@ -72,7 +72,7 @@ def _dg_eval_options(fn):
         click.option('--network', 'network_pkl', help='EDM network pickle', metavar='PATH|URL', required=True),
         click.option('--ref', 'ref_path', help='Reference statistics (.npz with mu, sigma)', metavar='NPZ|URL', required=True),
         click.option('--outdir', help='Results folder (CSV, PNG, temporary images)', metavar='DIR', required=True),
-        click.option('--seeds', help='Sampling seeds, the same for every point; disjoint from the seeds of the training fakes', metavar='LIST', default='100000-109999', show_default=True),
+        click.option('--seeds', help='Sampling seeds, the same for every point; disjoint from the seeds of the training fakes', metavar='LIST', default='0-9999', show_default=True),
         click.option('--batch', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True),
         click.option('--keep_images', is_flag=True, help='Keep each point\'s images (default: delete once its FID is recorded)'),
         click.option('--allow_seed_overlap', is_flag=True, help='Evaluate even when --seeds overlap the seeds of the discriminator\'s training fakes (biased FID)'),

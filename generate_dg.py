@@ -15,6 +15,14 @@ and published presets. Examples:
   # DG with the Restart sampler, and a plain-vs-guided grid of the first 100 seeds
   python generate_dg.py --network=... --disc=... --classifier=... --sampler=restart --outdir=out \\
       --seeds=0-99 --grid=grid.png --grid_compare
+\b
+  # Selection without guidance: 4 particles per seed resampled by the discriminator after steps 4, 8, 12
+  python generate_dg.py --network=... --disc=... --classifier=... --w=0 --particles=4 --resample_steps=4,8,12 \\
+      --S_churn=10 --outdir=out --seeds=0-99
+\b
+Selection (--particles, --best_of) keeps one image per seed ({seed:06d}.png); the image of seed s depends
+only on s: chain 0 is seed s's plain chain (so K=1 or N=1 gives the plain image), chain c>0 draws from
+numpy PCG64 with SeedSequence([s, c]); selection.jsonl records each seed's chosen chain and scores.
 """
 
 import os
@@ -28,7 +36,8 @@ from edm_dg import io as dgio
 from edm_dg.cli import command_body
 from edm_dg.generate import generate
 from edm_dg.models import check_class, load_models
-from edm_dg.options import dg_options, pop_sampler_options, runtime_options, sampler_options, sampler_settings
+from edm_dg.options import (dg_options, pop_sampler_options, pop_selection_options, runtime_options, sampler_options,
+                            sampler_settings, selection_options, selection_settings)
 from edm_dg.precision import fast_paths
 from edm_dg.seed_provenance import check_overlap
 
@@ -45,6 +54,7 @@ GRID_SEEDS = 100
 @click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @sampler_options
 @dg_options
+@selection_options
 @click.option('--npz',                     help='Also write compressed uint8 .npz shards (samples, label, seeds)', is_flag=True)
 @click.option('--resume/--no-resume',      help='Skip seeds whose image already exists', default=True, show_default=True)
 @click.option('--grid',                    help='Also write a grid of the first 100 seeds\' images to this PNG', metavar='PATH', type=str, default=None)
@@ -61,25 +71,29 @@ def run(network_pkl, outdir, seeds, subdirs=False, class_idx=None, max_batch_siz
     log = log or dist.print0
     seeds = dgio.parse_seeds(seeds, option='--seeds')
     sampler_opts = pop_sampler_options(options)
+    selection_opts = pop_selection_options(options)
     if options:
         raise TypeError(f'unknown options {sorted(options)}')
     if grid_compare and (grid is None or disc_path is None):
         raise ValueError('--grid_compare compares plain and guided images: pass --grid=PATH and --disc too')
+    selection_settings(selection_opts, guided=disc_path is not None)  # Its errors before any loading.
     device = dist.init_device(device)
     _check_writable(outdir)
     net, disc = load_models(network_pkl, device, disc_path=disc_path, classifier_path=classifier_path,
                             trust_pickle=trust_pickle, lora_alpha=lora_alpha, disc_time=disc_time, log=log)
     check_class(net, class_idx, network_pkl)
     settings = sampler_settings(sampler_opts, net.label_dim, guided=disc is not None)
+    selection = selection_settings(selection_opts, settings['num_steps'], guided=disc is not None)
     if disc is not None:
         warning = check_overlap(disc_path, seeds)
         if warning:
             log(f'Warning: {warning}')
 
     fast_net, fast_disc = fast_paths(net, disc, precision, disc_precision, channels_last, compile_nets, log=log)
-    log(f'Generating {len(seeds)} images to "{outdir}" with {describe(settings, disc)} on {dist.get_world_size()} process(es)...')
+    log(f'Generating {len(seeds)} images to "{outdir}" with {describe(settings, disc, selection)} on {dist.get_world_size()} process(es)...')
     common = dict(device=device, subdirs=subdirs, class_idx=class_idx, max_batch_size=max_batch_size, log=log)
-    stats = generate(fast_net, outdir, seeds, sampler_kwargs=dict(settings, discriminator=fast_disc), npz=npz, resume=resume, **common)
+    stats = generate(fast_net, outdir, seeds, sampler_kwargs=dict(settings, discriminator=fast_disc), selection=selection,
+                     npz=npz, resume=resume, **common)
     report(stats, log)
     if grid is not None:
         grid_seeds = seeds[:GRID_SEEDS]
@@ -94,13 +108,19 @@ def run(network_pkl, outdir, seeds, subdirs=False, class_idx=None, max_batch_siz
             gridlib.save(grid, gridlib.side_by_side(panels), scale=gridlib.default_scale(net.img_resolution))
             log(f'Grid of seeds {grid_seeds[0]}..{grid_seeds[-1]} written to "{grid}"' + (' (plain left, guided right)' if grid_compare else ''))
 
-def describe(settings, disc):
-    """One line on what samples: sampler, steps, and the DG weights."""
+def describe(settings, disc, selection=None):
+    """One line on what samples: sampler, steps, the DG weights and the selection."""
     text = f'{settings["sampler"]} sampler, {settings["num_steps"]} steps, '
     if disc is None:
         return text + 'plain EDM'
-    return text + (f'DG (w1={settings["dg_weight_1st_order"]}, w2={settings["dg_weight_2nd_order"]}, '
-                   f'window {settings["time_min"]}-{settings["time_max"]}, boosting={int(settings["boosting"])})')
+    text += (f'DG (w1={settings["dg_weight_1st_order"]}, w2={settings["dg_weight_2nd_order"]}, '
+             f'window {settings["time_min"]}-{settings["time_max"]}, boosting={int(settings["boosting"])})')
+    if selection is not None:
+        steps = ','.join(str(i) for i in selection['resample_steps'])
+        text += f', {selection["chains"]} chains per seed'
+        text += f' resampled after steps {steps}' if steps else ''
+        text += ', best kept' if selection['best'] else ''
+    return text
 
 def report(stats, log):
     """Totals over all ranks; a ValueError names the seeds whose images were not finite."""

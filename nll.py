@@ -24,9 +24,8 @@ import tqdm
 from torch_utils import distributed as dist
 from edm_dg import image_sets, io as dgio
 from edm_dg.cli import command_body
-from edm_dg.disc_checkpoint import load_discriminator
+from edm_dg.models import load_models
 from edm_dg.nll import bits_per_dim, dequantize, log_likelihood
-from edm_dg.pickles import load_network_pickle
 
 @click.command(help=__doc__)
 @click.option('--network', 'network_pkl', help='EDM network pickle', metavar='PATH|URL', required=True)
@@ -49,21 +48,14 @@ from edm_dg.pickles import load_network_pickle
 @command_body
 def main(network_pkl, data, num, batch, num_steps, seed, disc_path, classifier_path, dg_weight, time_min, time_max,
          json_out, device, trust_pickle):
-    if disc_path is None and classifier_path is not None:
-        raise ValueError(f'--classifier={classifier_path} without --disc; pass the discriminator head as --disc too')
     if disc_path is None and dg_weight:
         raise ValueError(f'--dg_weight_1st_order={dg_weight} needs a discriminator; pass --disc and --classifier')
     if time_min > time_max:
         raise ValueError(f'--time_min={time_min} is above --time_max={time_max}; pass time_min <= time_max')
     device = dist.init_device(device)
-    net = load_network_pickle(network_pkl, trust_pickle=trust_pickle).eval().requires_grad_(False).to(device)
-    disc = None
-    if disc_path:
-        if not classifier_path:
-            raise ValueError(f'{disc_path}: pass --classifier too')
-        disc = load_discriminator(disc_path, classifier_path, device=device)
-        if dg_weight is None:
-            dg_weight = 1.0 if net.label_dim else 2.0
+    net, disc = load_models(network_pkl, device, disc_path=disc_path, classifier_path=classifier_path, trust_pickle=trust_pickle)
+    if disc is not None and dg_weight is None:
+        dg_weight = 1.0 if net.label_dim else 2.0
     dg_weight = float(dg_weight or 0.0)
     src = image_sets.ImageSource(data)
     idx = image_sets.subset_indices(len(src), num, seed)

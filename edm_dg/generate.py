@@ -15,6 +15,7 @@ import tqdm
 
 from torch_utils import distributed as dist
 from . import io as dgio
+from . import selection as sel
 from .samplers import sample
 
 #----------------------------------------------------------------------------
@@ -73,7 +74,7 @@ def rank_batches(seeds, max_batch_size, rank=0, world_size=1):
 #----------------------------------------------------------------------------
 
 def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_batch_size=64,
-             sampler_kwargs=None, npz=False, resume=True, progress=True, log=print):
+             sampler_kwargs=None, selection=None, npz=False, resume=True, progress=True, log=print):
     """Generate `seeds` into `outdir` (EDM file names) plus dataset.json labels.
 
     sampler_kwargs go to `edm_dg.samplers.sample` (sampler name, steps, DG
@@ -82,6 +83,12 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
     written once all its images exist. Images with non-finite values are not
     written; their seeds are returned. Returns dict(generated, skipped,
     nonfinite, seconds) for this rank.
+
+    selection: None, or dict(chains, resample_steps, best) (edm_dg.options.
+    selection_settings): each seed is sampled as `chains` chains and one is kept
+    (edm_dg.selection.sample_selected, with sampler_kwargs' discriminator);
+    the scores go to outdir/selection.jsonl, one line per seed, merged over
+    ranks and runs. max_batch_size still counts seeds.
     """
     sampler_kwargs = dict(sampler_kwargs or {})
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -108,8 +115,14 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
         if todo:
             if todo != batch:  # Resumed batch: draw again for the missing seeds only.
                 latents, class_labels, rnd = draw_inputs(net_shape, net.label_dim, todo, device, class_idx)
-            images = sample(net, latents, class_labels, rnd.randn_like, **sampler_kwargs)
+            if selection is None:
+                images = sample(net, latents, class_labels, rnd.randn_like, **sampler_kwargs)
+            else:
+                images, records = sel.sample_selected(net, latents, class_labels, rnd, todo, **selection, **sampler_kwargs)
             finite = torch.isfinite(images).flatten(1).all(dim=1).cpu().tolist()
+            if selection is not None:  # Before the images: a record never misses for a written image.
+                sel.append_records(outdir, rank, [dict(r, image=relpaths[s].replace(os.sep, '/'))
+                                                  for s, ok, r in zip(todo, finite, records) if ok])
             for s, ok, im in zip(todo, finite, dgio.to_uint8(images)):
                 if not ok:
                     nonfinite.append(s)
@@ -130,6 +143,8 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
         for part in all_labels:
             merged.update(part)
         dgio.write_labels(outdir, merged)
+        if selection is not None:
+            sel.merge_records(outdir)
     dist.barrier()
     return dict(generated=generated, skipped=skipped, nonfinite=nonfinite, seconds=time.time() - start)
 

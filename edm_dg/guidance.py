@@ -10,6 +10,8 @@ k-diffusion's `sample_*` functions, Restart, multistep solvers, and this
 project's `dg_sampler`. The math is in docs/compat.md §3.
 """
 
+import contextlib
+
 import torch
 
 from . import adm, vp
@@ -19,24 +21,36 @@ LOG_RATIO_OUTSIDE = 1e7  # log_ratio reported where guidance is off (the release
 #----------------------------------------------------------------------------
 
 def dg_correction(discriminator, x, sigma, class_labels=None, create_graph=False):
-    """DG correction `-(sigma^2 mean) grad_{x_vp} log_ratio` (float32) and `log_ratio` [N].
+    """DG correction `-(sigma^2 mean) grad_{x_vp} log_ratio` and `log_ratio` [N].
 
     x is in EDM's unscaled space (any float dtype) and sigma a scalar or [N]
-    tensor; the discriminator sees `x_vp = mean(tau) x` at VP time tau.
-    create_graph keeps the result differentiable in x (for the NLL's divergence).
+    tensor; the discriminator sees `x_vp = mean(tau) x` at VP time tau, in its
+    parameters' dtype (float32 unless it was made double). The correction comes
+    in that dtype. create_graph keeps the result differentiable in x (for the
+    NLL's divergence); the attention then runs without fused kernels, which
+    have no double backward.
     """
     sigma = torch.as_tensor(sigma, device=x.device).to(torch.float64).reshape(-1).expand(x.shape[0])
     mean, tau = vp.sigma_to_vp(sigma)
-    # A kept graph needs attention with a double backward, which the fused kernels lack.
-    with torch.enable_grad(), adm.math_attention(create_graph):
-        x_vp = (mean.reshape(-1, 1, 1, 1) * x).float()
-        x_vp = x_vp if create_graph else x_vp.detach().requires_grad_(True)
+    second_order = adm.math_attention() if create_graph else contextlib.nullcontext()
+    with torch.enable_grad(), second_order:
+        x_vp = (mean.reshape(-1, 1, 1, 1) * x).to(_param_dtype(discriminator))
+        if not (create_graph and x_vp.requires_grad):
+            x_vp = x_vp.detach().requires_grad_(True)
         d = discriminator(x_vp, tau, class_labels).reshape(-1)
-        d = d.float().clip(1e-5, 1 - 1e-5)
+        d = d.to(torch.promote_types(d.dtype, torch.float32)).clip(1e-5, 1 - 1e-5)
         log_ratio = torch.log(d / (1 - d))
         grad, = torch.autograd.grad(log_ratio.sum(), x_vp, create_graph=create_graph)
-    scale = (sigma ** 2 * mean).to(torch.float32).reshape(-1, 1, 1, 1)
+    scale = (sigma ** 2 * mean).to(grad.dtype).reshape(-1, 1, 1, 1)
     return -scale * grad, log_ratio.detach()
+
+def _param_dtype(module):
+    """The floating dtype of a module's parameters; float32 for plain callables."""
+    if isinstance(module, torch.nn.Module):
+        for p in module.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return torch.float32
 
 def window_on_host(sigmas, time_min, time_max):
     """Whether the VP-time window holds for the smallest tau of these host-side sigma values."""

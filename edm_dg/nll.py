@@ -10,8 +10,8 @@ only while time_min <= tau <= time_max and is exactly zero elsewhere.
 Integrated from the data at sigma_min to sigma_max with Heun's method on EDM's
 rho-spaced grid; div f by Hutchinson's estimator (Rademacher probes, one per
 image per integration). The divergence of the DG term differentiates a gradient
-of the discriminator, so its forward runs under `adm.math_attention()` (the fused
-attention kernels have no double backward). Images are uniformly dequantised:
+of the discriminator, so `dg_correction(create_graph=True)` runs its attention
+without the fused kernels (they have no double backward). Images are uniformly dequantised:
 x = (u8 + U) / 128 - 1, so bits/dim = (-log p(x) + D log 128) / (D log 2).
 """
 
@@ -19,54 +19,25 @@ import math
 
 import torch
 
-from . import adm, vp
+from .guidance import dg_correction, guided, window_on_host
 from .sampler import step_schedule
 
 #----------------------------------------------------------------------------
-# The DG part of the drift.
-
-def dg_window_contains(sigma, time_min=0.01, time_max=1.0):
-    """Host-side: is the VP time of (the smallest) sigma in [time_min, time_max] (the sampler's rule)?"""
-    sigma = torch.as_tensor(sigma).detach().to('cpu', torch.float64).reshape(-1)
-    tau = vp.sigma_to_tau(sigma).min().item()
-    return time_min <= tau <= time_max
-
-def _discriminator_dtype(discriminator):
-    """The floating dtype of a module's parameters (float64 for a .double() discriminator); float32 otherwise."""
-    if isinstance(discriminator, torch.nn.Module):
-        for p in discriminator.parameters():
-            if p.is_floating_point():
-                return p.dtype
-    return torch.float32
+# The drift: the PF-ODE direction of the (guided) denoiser.
 
 def dg_drift_term(discriminator, x, sigma, disc_labels=None, w=1.0, time_min=0.01, time_max=1.0):
-    """`w * corr / sigma` with a graph back to x (so its divergence can be taken), or None outside the window.
-
-    x: [N, C, H, W] in EDM's space (any float dtype, usually float64 here); sigma:
-    scalar or [N]. The discriminator sees x_vp = mean(tau) x in its parameters' dtype.
-    """
-    if discriminator is None or w == 0 or not dg_window_contains(sigma, time_min, time_max):
+    """`w * corr / sigma` with a graph back to x (so its divergence can be taken), or None outside the window."""
+    if discriminator is None or w == 0 or not window_on_host(torch.as_tensor(sigma).cpu(), time_min, time_max):
         return None
-    sigma = torch.as_tensor(sigma, device=x.device).to(torch.float64).reshape(-1).expand(x.shape[0])
-    mean, tau = vp.sigma_to_vp(sigma)
-    with torch.enable_grad(), adm.math_attention():
-        x_vp = mean.to(x.dtype).reshape(-1, 1, 1, 1) * x
-        x_vp = x_vp.to(_discriminator_dtype(discriminator))
-        if not x_vp.requires_grad:
-            x_vp = x_vp.detach().requires_grad_(True)
-        d = discriminator(x_vp, tau, disc_labels).reshape(-1)
-        d = d.to(torch.promote_types(d.dtype, torch.float32)).clip(1e-5, 1 - 1e-5)
-        log_ratio = torch.log(d / (1 - d))
-        grad, = torch.autograd.grad(log_ratio.sum(), x_vp, create_graph=True)
-    # w * corr / sigma = -w * sigma * mean * grad.
-    scale = (-w * sigma * mean).reshape(-1, 1, 1, 1)
-    return scale.to(x.dtype) * grad.to(x.dtype)
+    corr, _ = dg_correction(discriminator, x, sigma, disc_labels, create_graph=True)
+    return w * corr.to(x.dtype) / sigma
 
 def drift(net, x, sigma, class_labels=None, discriminator=None, w=0.0, disc_labels=None, time_min=0.01, time_max=1.0):
-    """The probability-flow ODE's dx/dsigma, with DG's term inside the window when w != 0 (differentiable in x)."""
-    d = (x - net(x, sigma, class_labels).to(x.dtype)) / sigma
-    guide = dg_drift_term(discriminator, x, sigma, disc_labels, w, time_min, time_max)
-    return d if guide is None else d + guide
+    """The probability-flow ODE's dx/dsigma `(x - D'(x; sigma)) / sigma` of the guided denoiser
+    D' = D - w corr (DGDenoiser, the sampler's transform), differentiable in x."""
+    den = guided(net, discriminator, w, time_min=time_min, time_max=time_max, disc_labels=disc_labels)
+    hint = {'sigma_hint': torch.as_tensor(sigma).reshape(-1).cpu().tolist()} if den is not net else {}
+    return (x - den(x, sigma, class_labels, **hint).to(x.dtype)) / sigma
 
 def hutchinson(fn, x, eps):
     """(fn(x), eps^T (d fn / d x) eps per image), both detached."""

@@ -69,6 +69,12 @@ dg_options = _stack(
     click.option('--disc_time', help='Time the classifier is fed: linear VP time, or cosine time (64x64 ADM classifiers). Heads trained the release\'s way at 64x64 saw linear time in training: pass linear to sample as they were trained  [default: as recorded in an edm-dg checkpoint; for the release\'s heads, what its sampler does: cosine at 64x64, else linear]', type=click.Choice(['linear', 'cosine']), default=None),
 )
 
+selection_options = _stack(
+    click.option('--particles', help='Sample each seed as K particles and resample them, within the seed, by the discriminator\'s density ratio after the --resample_steps (particle filtering; needs --disc; --w=0 for no guidance). --batch still counts seeds: a batch runs batch*K samples  [default: 1]', metavar='INT', type=click.IntRange(min=1), default=None),
+    click.option('--resample_steps', help='Main-step indices after which particles are resampled, e.g. 4,8,12 (0 .. steps-2; step i ends at the schedule\'s level i+1)', metavar='LIST', type=str, default=None),
+    click.option('--best_of', help='Sample N candidates per seed and keep the one the discriminator scores highest at the schedule\'s lowest noise level (needs --disc); with --particles N must equal K (the best particle is kept). Candidate 0 is the plain image of the seed, candidate c>0 uses a stream derived from (seed, c); scores go to selection.jsonl  [default: 1]', metavar='INT', type=click.IntRange(min=1), default=None),
+)
+
 runtime_options = _stack(
     click.option('--device', help='Device  [default: cuda if available]', metavar='STR', type=str, default=None),
     click.option('--precision', help='Score-network precision', type=click.Choice(PRECISIONS), default='fp32', show_default=True),
@@ -81,6 +87,57 @@ runtime_options = _stack(
 SAMPLER_KEYS = ('sampler', 'num_steps', 'sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_min', 'S_max', 'S_noise', 'restart', 'solver')
 DG_KEYS = ('preset', 'dg_weight_1st_order', 'dg_weight_2nd_order', 'time_min', 'time_max', 'boosting', 'boost_S_churn',
            'boost_S_noise', 'boost_period', 'boost_weight_period')
+
+SELECTION_KEYS = ('particles', 'resample_steps', 'best_of')
+
+def pop_selection_options(kwargs):
+    """Remove --particles, --resample_steps and --best_of from a command's kwargs; returns them as a dict."""
+    return {k: kwargs.pop(k) for k in SELECTION_KEYS if k in kwargs}
+
+def parse_steps(text, option='--resample_steps'):
+    """'4,8,12' or '4-6,10' -> sorted list of distinct ints; ValueError naming the option otherwise."""
+    if text is None:
+        return []
+    if isinstance(text, (list, tuple)):
+        parts = [str(v) for v in text]
+    else:
+        parts = [p.strip() for p in str(text).split(',') if p.strip()]
+    steps = set()
+    for part in parts:
+        lo, _, hi = part.partition('-')
+        try:
+            lo, hi = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f'{option}: cannot parse "{part}"; use step indices like 4,8,12') from None
+        steps.update(range(lo, hi + 1))
+    return sorted(steps)
+
+def selection_settings(opts, num_steps=None, guided=False):
+    """dict(chains, resample_steps, best) for edm_dg.selection, or None for plain sampling.
+
+    num_steps (None: not checked yet) bounds the step indices; guided says
+    whether a discriminator is loaded. Raises ValueError naming the option at fault.
+    """
+    particles = opts.get('particles') or 1
+    best_of = opts.get('best_of') or 1
+    steps = parse_steps(opts.get('resample_steps'))
+    used = [name for name, on in (('--particles', particles > 1), ('--resample_steps', bool(steps)),
+                                  ('--best_of', best_of > 1)) if on]
+    if not used:
+        return None
+    if not guided:
+        raise ValueError(f'{used[0]} selects with the discriminator: pass --disc and --classifier (--w=0 for selection without guidance)')
+    if steps and particles < 2:
+        raise ValueError('--resample_steps resamples particles: pass --particles=K with K >= 2')
+    if particles > 1 and not steps and best_of == 1:
+        raise ValueError(f'--particles={particles} needs --resample_steps (when to resample), or --best_of={particles} to keep the best particle')
+    if particles > 1 and best_of > 1 and best_of != particles:
+        raise ValueError(f'--best_of={best_of} with --particles={particles}: the best of the particles is kept; pass --best_of={particles} or drop --best_of')
+    if num_steps is not None and steps and not 0 <= steps[0] <= steps[-1] <= num_steps - 2:
+        bad = next(i for i in steps if not 0 <= i <= num_steps - 2)
+        raise ValueError(f'--resample_steps: step {bad} is outside 0..{num_steps - 2} '
+                         f'(with --steps={num_steps}, step {num_steps - 1} ends at sigma=0)')
+    return dict(chains=max(particles, best_of), resample_steps=steps, best=best_of > 1)
 
 def pop_sampler_options(kwargs):
     """Remove the sampler and DG settings from a command's kwargs; returns them as a dict."""

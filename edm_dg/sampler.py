@@ -33,6 +33,10 @@ def clamp_sigmas(net, sigma_min, sigma_max):
     """The requested noise range, limited to what the network supports."""
     return max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max)
 
+def take_rows(idx, *values):
+    """Each value with its rows reordered by idx ([N] LongTensor); None and scalars pass through."""
+    return tuple(v.index_select(0, idx) if isinstance(v, torch.Tensor) and v.ndim >= 1 else v for v in values)
+
 def _as_column(v, ndim):
     """A per-sample [N] tensor shaped to broadcast over images; scalars pass through."""
     return v.reshape(-1, *([1] * (ndim - 1))) if isinstance(v, torch.Tensor) and v.ndim == 1 else v
@@ -69,6 +73,7 @@ def dg_sampler(
     discriminator=None, dg_weight_1st_order=0.0, dg_weight_2nd_order=0.0,
     time_min=0.01, time_max=1.0, disc_labels=None,
     boosting=False, boost_S_churn=4.0, boost_S_noise=1.0, boost_period=5, boost_weight_period=2,
+    resample=None,
 ):
     """EDM's stochastic Heun sampler with optional discriminator guidance.
 
@@ -81,6 +86,10 @@ def dg_sampler(
     `boost_period` steps and doubled correction every `boost_weight_period`
     steps for samples the discriminator judges fake (log_ratio < 0).
     solver: 'heun' (EDM's default) or 'euler' (no second-order correction).
+    resample: optional hook `(i, x, sigma) -> idx or None`, called after main
+    step i < num_steps - 1 with the state at host noise level sigma = t_{i+1};
+    an [N] index tensor reorders every per-sample state (x, the boosting
+    log_ratio, class and discriminator labels). edm_dg.selection.
     """
     if solver not in ('heun', 'euler'):
         raise ValueError(f'solver must be "heun" or "euler", got {solver!r}')
@@ -120,4 +129,11 @@ def dg_sampler(
             denoised = den2(x_next, t_next, class_labels, sigma_hint=[t_host[i + 1]])
             d_prime = (x_next - denoised) / t_next
             x_next = x_hat + (t_next - t_col) * (0.5 * d_cur + 0.5 * d_prime)
+
+        # Selection among particles (a host decision of the hook).
+        if resample is not None and i < num_steps - 1:
+            idx = resample(i, x_next, t_host[i + 1])
+            if idx is not None:
+                x_next, log_ratio, class_labels = take_rows(idx, x_next, log_ratio, class_labels)
+                den1.disc_labels, den2.disc_labels = take_rows(idx, den1.disc_labels, den2.disc_labels)
     return x_next

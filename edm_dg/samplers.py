@@ -31,7 +31,7 @@ from collections import namedtuple
 import torch
 
 from .guidance import guided
-from .sampler import dg_sampler, step_schedule
+from .sampler import dg_sampler, step_schedule, take_rows
 
 __all__ = [
     'GAMMA_MAX', 'RestartInterval', 'RESTART_CIFAR10', 'parse_restart', 'format_restart',
@@ -122,7 +122,7 @@ def _start(net, latents, num_steps, sigma_min, sigma_max, rho):
 
 def dpmpp2m_sampler(
     net, latents, class_labels=None, randn_like=torch.randn_like,
-    num_steps=18, sigma_min=0.002, sigma_max=80, rho=7,
+    num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, resample=None,
 ):
     """DPM-Solver++(2M) (Lu et al. 2022, multistep, data prediction) on EDM's schedule.
 
@@ -131,7 +131,9 @@ def dpmpp2m_sampler(
     the denoised output at the first step and afterwards the second-order
     combination `(1 + 1/(2r)) D_cur - 1/(2r) D_prev` with r = h_prev / h.
     The step to sigma = 0 returns the denoised output. Deterministic:
-    randn_like is not used. Denoiser evaluations: num_steps.
+    randn_like is not used. Denoiser evaluations: num_steps. resample: the
+    selection hook (see `sample`); it reorders x, the previous denoised output
+    and the labels.
     """
     del randn_like
     x, t_dev, t_host = _start(net, latents, num_steps, sigma_min, sigma_max, rho)
@@ -150,6 +152,10 @@ def dpmpp2m_sampler(
             target = (1 + half_inv_r) * denoised - half_inv_r * prev_denoised
         x = (s_next / s_cur) * x + (-math.expm1(-h)) * target
         prev_denoised, h_prev = denoised, h
+        if resample is not None:
+            idx = resample(k, x, s_next)
+            if idx is not None:
+                x, prev_denoised, class_labels = take_rows(idx, x, prev_denoised, class_labels)
     return x
 
 #----------------------------------------------------------------------------
@@ -239,7 +245,7 @@ def restart_sampler(
     net, latents, class_labels=None, randn_like=torch.randn_like,
     num_steps=18, sigma_min=0.002, sigma_max=80, rho=7,
     S_churn=0, S_min=0, S_max=float('inf'), S_noise=1,
-    restart=RESTART_CIFAR10, restart_gamma=0.0,
+    restart=RESTART_CIFAR10, restart_gamma=0.0, resample=None,
 ):
     """Restart sampling (Xu et al. 2023) around EDM's Heun sampler.
 
@@ -253,6 +259,8 @@ def restart_sampler(
     scripts use 0.05 with S_min=0.01, S_max=1. Each restart step draws noise
     like an EDM step. With no intervals it returns EDM's Heun images.
     Denoiser evaluations: 2 num_steps - 1 + sum_i 2 K_i (n_restart_i - 1).
+    resample: the selection hook (see `sample`), called after main step k and
+    its restarts; it reorders x and the labels.
     """
     intervals = parse_restart(restart)
     x, t_dev, t_host = _start(net, latents, num_steps, sigma_min, sigma_max, rho)
@@ -269,6 +277,10 @@ def restart_sampler(
             for _ in range(K):
                 x = x + jump * randn_like(x)
                 x = integrate(net, x, sub, sub_host, class_labels, randn_like, sub_gamma, S_noise)
+        if resample is not None and k < num_steps - 1:
+            idx = resample(k, x, t_host[k + 1])
+            if idx is not None:
+                x, class_labels = take_rows(idx, x, class_labels)
     return x
 
 #----------------------------------------------------------------------------
@@ -308,17 +320,24 @@ CHURN_KEYS = ('S_churn', 'S_min', 'S_max', 'S_noise')
 def sample(net, latents, class_labels=None, randn_like=torch.randn_like, *, sampler='heun', discriminator=None,
            dg_weight_1st_order=0.0, dg_weight_2nd_order=0.0, time_min=0.01, time_max=1.0, disc_labels=None,
            boosting=False, boost_S_churn=4.0, boost_S_noise=1.0, boost_period=5, boost_weight_period=2,
-           restart=None, **kwargs):
+           restart=None, resample=None, **kwargs):
     """Images of `sampler` with DG settings as generate_dg.py takes them (float64 [N,C,H,W]).
 
     heun/euler run `dg_sampler` (w1, w2, boosting); the others sample with the
     guided denoiser `DGDenoiser(net, discriminator, w1, ...)`, which has one
     weight and no boosting. kwargs: num_steps, sigma_min, sigma_max, rho and the
     churn settings S_churn, S_min, S_max, S_noise.
+
+    resample: optional selection hook `(i, x, sigma) -> idx or None` that every
+    sampler calls on the host after main step i (0 <= i < num_steps - 1; for
+    restart, after the step's restarts) with its state x [N,...] at host noise
+    level sigma = t_{i+1}; an [N] LongTensor idx on x's device replaces each
+    per-sample state row r by row idx[r]. Noise streams stay with their rows.
+    edm_dg.selection.Resampler is one.
     """
     dg = dict(time_min=time_min, time_max=time_max, disc_labels=disc_labels)
     if sampler in ('heun', 'euler'):
-        return SAMPLERS[sampler](net, latents, class_labels, randn_like, discriminator=discriminator,
+        return SAMPLERS[sampler](net, latents, class_labels, randn_like, discriminator=discriminator, resample=resample,
                                  dg_weight_1st_order=dg_weight_1st_order, dg_weight_2nd_order=dg_weight_2nd_order,
                                  boosting=boosting, boost_S_churn=boost_S_churn, boost_S_noise=boost_S_noise,
                                  boost_period=boost_period, boost_weight_period=boost_weight_period, **dg, **kwargs)
@@ -335,4 +354,4 @@ def sample(net, latents, class_labels=None, randn_like=torch.randn_like, *, samp
     if sampler == 'restart':
         kwargs['restart'] = RESTART_CIFAR10 if restart is None else parse_restart(restart)
     den = guided(net, discriminator, dg_weight_1st_order, **dg)
-    return SAMPLERS[sampler](den, latents, class_labels, randn_like, **kwargs)
+    return SAMPLERS[sampler](den, latents, class_labels, randn_like, resample=resample, **kwargs)

@@ -15,7 +15,8 @@ from helpers import py, save_edm_pickle, tiny_edm
 from edm_dg import adm, vp
 from edm_dg.adm import EncoderUNet
 from edm_dg.discriminator import Discriminator
-from edm_dg.nll import bits_per_dim, dequantize, dg_drift_term, dg_window_contains, drift, hutchinson, log_likelihood
+from edm_dg.guidance import window_on_host
+from edm_dg.nll import bits_per_dim, dequantize, dg_drift_term, drift, hutchinson, log_likelihood
 
 class LinearGaussian(torch.nn.Module):
     """The exact denoiser of N(0, s^2 I) data, in float64: D(x; sigma) = x s^2 / (s^2 + sigma^2)."""
@@ -173,7 +174,7 @@ def test_dg_term_is_the_sampler_correction_inside_the_window_and_zero_outside(re
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()  # float32 rounding (log(d / (1 - d)) of a sigmoid)
     # The window's edges are inclusive and follow time_min / time_max.
     t = vp.sigma_to_tau(inside).item()
-    assert dg_window_contains(inside, t, t) and not dg_window_contains(inside, 0.01, t - 1e-6)
+    assert window_on_host([inside], t, t) and not window_on_host([inside], 0.01, t - 1e-6)
     assert dg_drift_term(release_disc, x, inside, w=w, time_min=t + 1e-6) is None
 
 def test_log_likelihood_calls_the_discriminator_only_inside_the_window():
@@ -276,7 +277,7 @@ def test_nll_cli_plain_json_and_default_weight(cli_files):
 
 @pytest.mark.parametrize('args,needles', [
     (['--w=2'], ['--dg_weight_1st_order=2.0', 'pass --disc and --classifier']),
-    (['--classifier={cls}'], ['without --disc', 'pass the discriminator head as --disc']),
+    (['--classifier={cls}'], ['cls.pt', 'without --disc', 'pass the discriminator head as --disc']),
     (['--disc={head}', '--classifier={cls}', '--time_min=0.5', '--time_max=0.2'], ['--time_min=0.5', 'time_min <= time_max']),
 ])
 def test_nll_cli_one_line_errors(cli_files, args, needles):

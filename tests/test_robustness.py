@@ -116,6 +116,11 @@ def _assert_all_gone(proc, within=10.0):
     deadline = time.monotonic() + within
     while (left := _marked(proc.marker)) and time.monotonic() < deadline:
         time.sleep(0.1)
+    for pid in left:  # Fail, but leave no orphans running behind.
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
     assert not left, f'processes {left} outlived their launcher by {within} s'
 
 def _kill(proc):

@@ -65,7 +65,8 @@ def stop_with_launcher(interval=0.5):
     if sys.platform.startswith('linux'):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+            args = [ctypes.c_ulong(a) for a in (signal.SIGKILL, 0, 0, 0)]
+            libc.prctl(_PR_SET_PDEATHSIG, *args)
         except (OSError, AttributeError):
             pass  # The watchdog thread alone then stops us.
     if os.getppid() != launcher or not _could_be_launcher(launcher):
