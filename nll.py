@@ -42,18 +42,23 @@ from edm_dg.nll import bits_per_dim, dequantize, log_likelihood
               type=click.FloatRange(min=0, max=1), default=0.01, show_default=True)
 @click.option('--time_max', help='DG term zero above this VP time, as in the sampler', metavar='FLOAT',
               type=click.FloatRange(min=0, max=1), default=1.0, show_default=True)
+@click.option('--disc_time', help='Time the classifier is fed, as generate_dg.py --disc_time: linear VP time, or cosine time '
+              '(64x64 ADM classifiers); pass linear for 64x64 heads trained the release\'s way  [default: as recorded in an '
+              'edm-dg checkpoint; for the release\'s heads, what its sampler does: cosine at 64x64, else linear]',
+              type=click.Choice(['linear', 'cosine']), default=None)
 @click.option('--json', 'json_out', help='Write results to this JSON file', metavar='PATH', default=None)
 @click.option('--device', default=None, help='Device  [default: cuda if available]')
 @click.option('--trust_pickle', is_flag=True, help="Use EDM's own unpickling (executes code in the file)")
 @command_body
 def main(network_pkl, data, num, batch, num_steps, seed, disc_path, classifier_path, dg_weight, time_min, time_max,
-         json_out, device, trust_pickle):
+         disc_time, json_out, device, trust_pickle):
     if disc_path is None and dg_weight:
         raise ValueError(f'--dg_weight_1st_order={dg_weight} needs a discriminator; pass --disc and --classifier')
     if time_min > time_max:
         raise ValueError(f'--time_min={time_min} is above --time_max={time_max}; pass time_min <= time_max')
     device = dist.init_device(device)
-    net, disc = load_models(network_pkl, device, disc_path=disc_path, classifier_path=classifier_path, trust_pickle=trust_pickle)
+    net, disc = load_models(network_pkl, device, disc_path=disc_path, classifier_path=classifier_path, trust_pickle=trust_pickle,
+                            disc_time=disc_time)
     if disc is not None and dg_weight is None:
         dg_weight = 1.0 if net.label_dim else 2.0
     dg_weight = float(dg_weight or 0.0)
@@ -92,6 +97,7 @@ def main(network_pkl, data, num, batch, num_steps, seed, disc_path, classifier_p
                 bpd_mean=mean, bpd_se=se if len(allr) > 1 else None, n=len(allr), bpd=allr, steps=num_steps, seed=seed, batch=batch,
                 dg_weight_1st_order=dg_weight, w=dg_weight, time_min=time_min, time_max=time_max,
                 network=network_pkl, data=data, disc=disc_path, classifier=classifier_path,
+                disc_time=None if disc is None else disc.time_schedule,
                 processes=world, sec_per_image=process_seconds / len(allr)), indent=2)
 
 if __name__ == '__main__':

@@ -19,8 +19,8 @@ import time
 import click
 import numpy as np
 import torch
-from PIL import Image
 
+from . import grid as gridlib
 from . import io as dgio
 from .digits import digits_u8, train_feature_net, write_dataset
 
@@ -79,14 +79,8 @@ def build_models(models_dir, images, labels, toy, log=print):
 
 def sample_grid(path, plain_dir, guided_dir, seeds, scale=4):
     """Plain (top row) vs. guided (bottom row) images of the same seeds, upscaled."""
-    rows = []
-    for d in (plain_dir, guided_dir):
-        ims = [dgio.read_image(os.path.join(d, dgio.image_relpath(s))) for s in seeds]
-        rows.append(np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255) for im in ims], axis=1))
-    grid = np.concatenate(rows, axis=0)[:, :, 0]
-    img = Image.fromarray(grid, 'L').resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    with dgio.atomic_open(path) as f:
-        img.save(f, format='png')
+    rows = [gridlib.tile(gridlib.folder_images(d, seeds), cols=len(seeds)) for d in (plain_dir, guided_dir)]
+    gridlib.save(path, np.concatenate(rows, axis=0), scale=scale)
 
 def fid_of(images_dir, ref, detector, num):
     out = cli(script('fid.py'), 'calc', f'--images={images_dir}', f'--ref={ref}', f'--num_images={num}',

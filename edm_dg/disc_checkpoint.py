@@ -211,7 +211,10 @@ def load_discriminator(disc_path, classifier_path, device='cpu', time_schedule=N
 
     lora_alpha scales every LoRA update by lora_alpha / rank. None: as recorded
     in an edm-dg checkpoint, else `lora.DEFAULT_ALPHA` (1, the reproduction
-    study's value, which its files do not record).
+    study's value, which its files do not record). time_schedule ('linear' or
+    'cosine', the time the classifier is fed) overrides the convention; None:
+    as recorded in an edm-dg checkpoint, else `default_time_schedule` (what the
+    release's sampler does). `disc.time_source` says which of the three applied.
     """
     obj, _ = read_weights(disc_path, 'discriminator')
     own = isinstance(obj, dict) and obj.get('format') == FORMAT
@@ -221,16 +224,20 @@ def load_discriminator(disc_path, classifier_path, device='cpu', time_schedule=N
     classifier, cls_args, cls_sha = load_classifier(classifier_path, lora_alpha)
     if own:
         head = _load_own_format(obj, disc_path, classifier, cls_sha, classifier_path, lora_alpha)
-        schedule = time_schedule or obj.get('time_schedule') or default_time_schedule(cls_args)
+        recorded = obj.get('time_schedule')
+        schedule = time_schedule or recorded or default_time_schedule(cls_args)
+        source = 'option' if time_schedule else 'checkpoint' if recorded else 'default'
     else:
         head, head_args, _ = build_encoder(obj, disc_path, 'discriminator head')
         if head_args['out_channels'] != 1:
             raise CheckpointError(f'{disc_path}: this is an ADM classifier ({head_args["out_channels"]} outputs), not a discriminator head; '
                                   f'pass it as --classifier and the head (e.g. discriminator_60.pt or a train_disc.py checkpoint) as --disc')
         schedule = time_schedule or default_time_schedule(cls_args)
+        source = 'option' if time_schedule else 'default'
     if head.in_channels != classifier.feature_channels or head.image_size != classifier.feature_resolution:
         raise CheckpointError(f'{disc_path}: head expects {head.in_channels}x{head.image_size}x{head.image_size} features, '
                               f'but {classifier_path} gives {classifier.feature_channels}x{classifier.feature_resolution}x'
                               f'{classifier.feature_resolution}; pass the matching classifier')
     disc = Discriminator(classifier, head, schedule)
+    disc.time_source = source  # 'option' (time_schedule given), 'checkpoint' (recorded) or 'default' (no record)
     return disc.eval().requires_grad_(False).to(device)

@@ -97,7 +97,7 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
     if rank == 0 and os.path.isdir(outdir):
         dgio.remove_stale_temps(outdir)  # From a killed run; no rank writes before the barrier.
     dist.barrier()
-    generated, skipped, nonfinite, labels = 0, 0, [], {}
+    generated, skipped, nonfinite, labels, records = 0, 0, [], {}, []
     start = time.time()
     bar = tqdm.tqdm(batches, unit='batch', disable=(not progress) or rank != 0, desc='generate', dynamic_ncols=True)
     for batch in bar:
@@ -118,11 +118,12 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
             if selection is None:
                 images = sample(net, latents, class_labels, rnd.randn_like, **sampler_kwargs)
             else:
-                images, records = sel.sample_selected(net, latents, class_labels, rnd, todo, **selection, **sampler_kwargs)
+                images, batch_records = sel.sample_selected(net, latents, class_labels, rnd, todo, **selection, **sampler_kwargs)
             finite = torch.isfinite(images).flatten(1).all(dim=1).cpu().tolist()
             if selection is not None:  # Before the images: a record never misses for a written image.
-                sel.append_records(outdir, rank, [dict(r, image=relpaths[s].replace(os.sep, '/'))
-                                                  for s, ok, r in zip(todo, finite, records) if ok])
+                kept = [dict(r, image=relpaths[s].replace(os.sep, '/')) for s, ok, r in zip(todo, finite, batch_records) if ok]
+                sel.append_records(outdir, rank, kept)
+                records += kept
             for s, ok, im in zip(todo, finite, dgio.to_uint8(images)):
                 if not ok:
                     nonfinite.append(s)
@@ -138,13 +139,14 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
 
     # Labels of every seed of every rank go into one dataset.json, written by rank 0.
     all_labels = dist.all_gather_object(labels)
+    all_records = dist.all_gather_object(records) if selection is not None else []
     if rank == 0:
         merged = {}
         for part in all_labels:
             merged.update(part)
         dgio.write_labels(outdir, merged)
         if selection is not None:
-            sel.merge_records(outdir)
+            sel.merge_records(outdir, [r for part in all_records for r in part])
     dist.barrier()
     return dict(generated=generated, skipped=skipped, nonfinite=nonfinite, seconds=time.time() - start)
 

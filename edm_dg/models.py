@@ -27,12 +27,27 @@ def load_models(network_pkl, device, *, disc_path=None, classifier_path=None, tr
         if disc_path is not None:
             log(f'Loading discriminator from "{disc_path}" with classifier "{classifier_path}"...')
             disc = load_discriminator(disc_path, classifier_path, device=device, time_schedule=disc_time, lora_alpha=lora_alpha)
-            log(f'Discriminator time convention: {disc.time_schedule} (classifier fed {disc.time_schedule} time)')
+            log(time_convention_line(disc))
     finally:
         if dist.get_rank() == 0:
             dist.barrier()
     check_pair(net, disc, network_pkl, disc_path, classifier_path)
     return net, disc
+
+def time_convention_line(disc):
+    """One line: which time the classifier is fed, where that came from, and how to change it."""
+    schedule = disc.time_schedule
+    fed = 'cosine-schedule time mapped from linear VP tau' if schedule == 'cosine' else 'linear VP time tau'
+    text = f'Discriminator time convention: {schedule} (classifier fed {fed})'
+    source = getattr(disc, 'time_source', None)
+    if source == 'option':
+        return text + '; set by --disc_time'
+    if source == 'checkpoint':
+        return text + '; as recorded in the checkpoint (override with --disc_time)'
+    if disc.classifier.image_size == 64:
+        return (text + f'; the head records no convention, assuming the release\'s sampler convention ({schedule} at 64x64); '
+                f'for a head trained the release\'s way (linear time in training) pass --disc_time=linear')
+    return text + f'; the head records no convention, assuming the release\'s ({schedule}); change it with --disc_time'
 
 def check_pair(net, disc, network_pkl='--network', disc_path='--disc', classifier_path='--classifier'):
     """Refuse a discriminator that cannot judge this network's images."""

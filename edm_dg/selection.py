@@ -67,7 +67,10 @@ def log_ratio(discriminator, x, sigma, labels=None):
     host float, a 0-d or an [N] tensor), as `edm_dg.guidance.dg_correction` feeds it.
     """
     n = x.shape[0]
-    sig = torch.as_tensor(sigma, dtype=torch.float64).to(x.device).reshape(-1).expand(n)
+    if isinstance(sigma, torch.Tensor):
+        sig = sigma.to(device=x.device, dtype=torch.float64).reshape(-1).expand(n)
+    else:  # A fill on the device: a blocking host-to-device copy would wait for the device.
+        sig = torch.full([n], float(sigma), dtype=torch.float64, device=x.device)
     mean, tau = vp.sigma_to_vp(sig)
     x_vp = (mean.reshape(-1, *([1] * (x.ndim - 1))) * x).float()
     d = discriminator(x_vp, tau, labels).reshape(-1).float().clip(D_CLIP, 1 - D_CLIP)
@@ -259,13 +262,18 @@ def read_records(path):
                 continue
     return out
 
-def merge_records(outdir):
-    """Fold every rank's partial file (also a killed run's) into outdir/selection.jsonl, atomically; returns its path."""
+def merge_records(outdir, records=()):
+    """Fold `records` and every rank's partial file (also a killed run's) into outdir/selection.jsonl.
+
+    Written atomically, one line per seed in seed order (a later record of a
+    seed replaces an earlier one); the partial files are removed. Returns the path.
+    """
     path = os.path.join(outdir, RECORD_NAME)
     merged = read_records(path)
     parts = sorted(glob.glob(os.path.join(outdir, PARTIAL_GLOB)))
     for part in parts:
         merged.update(read_records(part))
+    merged.update({int(r['seed']): r for r in records})
     dgio.atomic_write_text(path, ''.join(json.dumps(merged[s], sort_keys=True) + '\n' for s in sorted(merged)))
     for part in parts:
         os.remove(part)

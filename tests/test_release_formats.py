@@ -198,3 +198,20 @@ def test_bad_release_input_cli(classifier, tmp_path):
     path, words = cases['truncated.npz']
     assert_one_line_error(py('train_disc.py', f'--real={good}', f'--fake={path}', f'--classifier={classifier}',
                              f'--outdir={tmp_path / "o"}', '--epochs=1', '--batch=8', '--head_width=64', '--head_depth=1'), *words)
+
+def test_fid_calc_cli_reads_release_sampler_folder(tmp_path):
+    """fid.py calc --images on the release's samples_*.npz + sample_*.png folder: the grid previews are
+    skipped (with a note) and the FID against the same images as PNGs is zero."""
+    import torch as _torch
+    from helpers import TinyDetector
+    x, y = images_and_labels(9)
+    path, _ = make_format('sampler_folder', tmp_path, x, y)
+    det = str(tmp_path / 'tiny.pt')
+    _torch.jit.script(TinyDetector()).save(det)
+    ref = str(tmp_path / 'ref.npz')
+    p = py('fid.py', 'ref', f'--data={png_folder(str(tmp_path / "png"), x)}', f'--dest={ref}', f'--detector={det}')
+    assert p.returncode == 0, p.stderr
+    p = py('fid.py', 'calc', f'--images={path}', f'--ref={ref}', f'--detector={det}', f'--num_images={N}')
+    assert p.returncode == 0, p.stderr
+    assert abs(float(p.stdout.strip().splitlines()[-1])) < 1e-6
+    assert 'sample_' in p.stdout + p.stderr  # the note on skipped grid previews

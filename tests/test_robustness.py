@@ -161,7 +161,7 @@ def test_generation_killed_and_resumed(gen_ref, nproc):
         launcher = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
         cmd = launcher + [os.path.join(ROOT, 'generate_dg.py'), *args, f'--outdir={out}']
         _kill_after(_spawn(cmd), rng.uniform(2.0, 6.0 if nproc == 1 else 9.0))
-        before = {k for k in _pngs(out) if k.endswith('.png')} if out.exists() else set()
+        before = {k for k in _pngs(out) if k.endswith('.png') and '.tmp-' not in k} if out.exists() else set()  # not half-written ones
         p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1'), cwd=ROOT, timeout=600)
         assert p.returncode == 0, p.stderr
         files = _pngs(out)
