@@ -48,7 +48,7 @@ from edm_dg.disc_training import train
 @click.option('--head_width',  help='Head channels', type=click.IntRange(min=64), default=128, show_default=True)
 @click.option('--head_depth',  help='Head residual blocks', type=click.IntRange(min=1), default=2, show_default=True)
 @click.option('--time_schedule', help='Time the classifier is fed, in training and (recorded in the checkpoint) at sampling: linear VP time, or cosine time (the release\'s training fed linear time at 64x64, its sampler cosine)  [default: the classifier\'s own: cosine for a 64x64 ADM classifier, else linear]', type=click.Choice(['linear', 'cosine']), default=None)
-@click.option('--eval_images', help='Images of each kind evaluated at every tau bin after every epoch; 0 = none  [default: 256, at most 1/32 of the images of each kind]', type=click.IntRange(min=0), default=None)
+@click.option('--eval_images', help='Images of each kind evaluated at every tau bin after every epoch; 0 = none  [default: 256, at most 1/32 of the images of each kind, none if that is under 16]', type=click.IntRange(min=0), default=None)
 @click.option('--holdout',     help='Take the --eval_images evaluation images (the last of each kind) out of training', is_flag=True)
 @click.option('--seed',        help='Random seed', type=int, default=0, show_default=True)
 @click.option('--snap',        help='Keep a checkpoint every N epochs', type=click.IntRange(min=1), default=1, show_default=True)

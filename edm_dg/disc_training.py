@@ -74,18 +74,20 @@ def split_eval(images, targets, labels, eval_images, holdout):
 
     holdout: the last eval_images of each kind leave the training set;
     otherwise the evaluation set is the first eval_images of each kind (at most all).
-    eval_images=None: EVAL_IMAGES, at most 1/EVAL_SHARE of the images of each kind.
+    eval_images=None: EVAL_IMAGES, at most 1/EVAL_SHARE of the images of each kind, none if that is
+    under CHANCE_MIN_IMAGES.
     """
     n = len(images) // 2
     default = eval_images is None
     if default:
         eval_images = min(EVAL_IMAGES, n // EVAL_SHARE)
+        eval_images = eval_images if eval_images >= CHANCE_MIN_IMAGES else 0  # too few to tell anything
     halves = lambda t, a, b: None if t is None else torch.cat([t[a:b], t[n + a:n + b]])
     if not holdout:
         k = min(eval_images, n)
         return images, targets, labels, tuple(halves(t, 0, k) for t in (images, targets, labels))
     if not 0 < eval_images < n:
-        got = f'{eval_images} by default (1/{EVAL_SHARE} of them, at most {EVAL_IMAGES})' if default else eval_images
+        got = f'{eval_images} by default (1/{EVAL_SHARE} of them, at most {EVAL_IMAGES}, 0 under {CHANCE_MIN_IMAGES})' if default else eval_images
         raise ValueError(f'--holdout needs 0 < --eval_images < {n} (the images of each kind), got {got}; pass --eval_images')
     train_part = tuple(halves(t, 0, n - eval_images) for t in (images, targets, labels))
     return (*train_part, tuple(halves(t, n - eval_images, n) for t in (images, targets, labels)))
@@ -275,9 +277,9 @@ def train(outdir, real, fake, classifier_path, *, epochs=60, batch=128, lr=3e-4,
     at each tau bin's centre (`evaluate_by_time`): the last eval_images of each
     kind, held out of training, when holdout; else the first ones of the
     training pair. None: EVAL_IMAGES, at most 1/EVAL_SHARE of the images of
-    each kind; 0 turns this off. metrics.jsonl gets the per-bin numbers, the
-    run folder log-ratio-histogram.png, and `chance_warning` is logged once
-    when it applies.
+    each kind, none if that is under CHANCE_MIN_IMAGES; 0 turns this off.
+    metrics.jsonl gets the per-bin numbers, the run folder
+    log-ratio-histogram.png, and `chance_warning` is logged once when it applies.
 
     Returns the path of the last checkpoint. `stop_after_steps` ends the run
     early (used to test resuming).

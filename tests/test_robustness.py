@@ -188,6 +188,56 @@ def test_torchrun_workers_stop_with_their_launcher(gen_ref, tmp_path, when):
     assert proc.poll() is None, 'the run ended before it could be killed'
     _kill(proc)
 
+# A stand-in for torchrun's launcher: it starts a "worker" in a session of its own, as torchrun does,
+# and ends (as if killed) once the worker watches it, or at once (the worker then finds itself
+# orphaned before it even imports torch_utils.distributed).
+_LAUNCHER = """
+import os, subprocess, sys, time
+mode, status = sys.argv[1:]
+subprocess.Popen([sys.executable, '-c', os.environ['WORKER_SRC'], mode, status, str(os.getpid())], start_new_session=True)
+deadline = time.time() + 120
+while mode != 'orphaned_first' and not os.path.exists(status) and time.time() < deadline:
+    time.sleep(0.05)
+"""
+_WORKER = """
+import ctypes, os, sys, time
+mode, status, launcher = sys.argv[1], sys.argv[2], int(sys.argv[3])
+import torch  # Before ctypes.CDLL is replaced below (torch loads its libraries with it).
+if mode == 'orphaned_first':
+    while os.getppid() == launcher:
+        time.sleep(0.05)
+    if os.getppid() != 1:  # Adopted by a subreaper: the case this project cannot tell from a live launcher.
+        open(status, 'w').write('subreaper')
+        sys.exit()
+libc = ctypes.CDLL(None)
+if mode == 'watchdog':  # As on a system without prctl.
+    def no_prctl(*args, **kwargs):
+        raise OSError('no prctl here')
+    ctypes.CDLL = no_prctl
+from torch_utils import distributed
+death_signal = ctypes.c_int(-1)
+libc.prctl(2, ctypes.byref(death_signal))  # PR_GET_PDEATHSIG
+open(status, 'w').write(f'watching {death_signal.value}')
+time.sleep(120)
+"""
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='prctl and /proc are Linux')
+@pytest.mark.parametrize('mode', ['prctl', 'watchdog', 'orphaned_first'])
+def test_worker_stops_with_launcher_each_way(tmp_path, mode):
+    """Each way a worker learns that its launcher is gone: the kernel's parent-death signal, the
+    watchdog thread (where there is no prctl), and the check at import (launcher gone before it)."""
+    status = tmp_path / 'status'
+    proc = _spawn([sys.executable, '-c', _LAUNCHER, mode, str(status)], env={'TORCHELASTIC_RUN_ID': 'test', 'WORKER_SRC': _WORKER})
+    assert proc.wait(timeout=300) == 0
+    if mode == 'orphaned_first':
+        _assert_all_gone(proc)
+        if status.exists() and status.read_text() == 'subreaper':
+            pytest.skip('orphans here are adopted by a subreaper, not by pid 1')
+        assert not status.exists()  # it stopped at the import
+    else:
+        _assert_all_gone(proc)
+        assert status.read_text() == f'watching {int(signal.SIGKILL) if mode == "prctl" else 0}'
+
 def test_torchrun_click_error_and_plain_python_unaffected(tmp_path):
     """Workers still fail with click's one-line error and leave with their launcher; a process not
     started by torchrun (this one, a plain `python generate_dg.py`) watches no launcher."""

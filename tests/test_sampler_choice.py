@@ -5,10 +5,11 @@ import sys
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
 import generate_dg
-from helpers import ROOT, assert_one_line_error, py, run_cli
+from helpers import ROOT, run_cli
 
 NAMES = ('heun', 'euler', 'dpmpp2m', 'restart')
 
@@ -57,6 +58,12 @@ def test_preset_fills_published_settings_and_options_override():
     assert sampler_settings({}, label_dim=0, guided=True)['dg_weight_1st_order'] == 2.0
     assert sampler_settings({}, label_dim=10, guided=True)['dg_weight_1st_order'] == 1.0
 
+def _cli(args):
+    """generate_dg.py in this process (click's runner): exit code and the 'Error:' lines."""
+    result = CliRunner().invoke(generate_dg.main, args)
+    err = result.stderr if hasattr(result, 'stderr') else result.output
+    return result, [l for l in err.strip().splitlines() if l.startswith('Error:')]
+
 @pytest.mark.parametrize('args,needle', [
     (['--sampler=dpmpp2m', '--boosting=1'], '--boosting'),
     (['--sampler=restart', '--dg_weight_2nd_order=1'], '--dg_weight_2nd_order'),
@@ -66,14 +73,15 @@ def test_preset_fills_published_settings_and_options_override():
     (['--grid_compare'], '--grid'),
 ])
 def test_sampler_option_errors_name_the_option(tiny_files, tmp_path, args, needle):
-    proc = py('generate_dg.py', f'--network={tiny_files["net"]}', f'--disc={tiny_files["disc"]}',
-              f'--classifier={tiny_files["classifier"]}', f'--outdir={tmp_path}', '--seeds=0', '--steps=3', *args)
-    assert_one_line_error(proc, needle)
+    result, errors = _cli([f'--network={tiny_files["net"]}', f'--disc={tiny_files["disc"]}',
+                           f'--classifier={tiny_files["classifier"]}', f'--outdir={tmp_path}', '--seeds=0', '--steps=3', *args])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), repr(result.exception)
+    assert len(errors) == 1 and needle in errors[0], errors
 
 def test_w_is_an_alias_of_dg_weight_1st_order(tiny_files, tmp_path):
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
     common = [f'--network={tiny_files["net"]}', f'--disc={tiny_files["disc"]}', f'--classifier={tiny_files["classifier"]}',
               '--seeds=0-1', '--steps=3']
-    assert py('generate_dg.py', *common, f'--outdir={a}', '--w=0.5').returncode == 0
-    assert py('generate_dg.py', *common, f'--outdir={b}', '--dg_weight_1st_order=0.5').returncode == 0
+    assert _cli([*common, f'--outdir={a}', '--w=0.5'])[0].exit_code == 0
+    assert _cli([*common, f'--outdir={b}', '--dg_weight_1st_order=0.5'])[0].exit_code == 0
     assert np.array_equal(_images(a, range(2)), _images(b, range(2)))

@@ -141,3 +141,25 @@ def run_module(mod, *args):
     import sys
     from helpers import run_cli
     return run_cli([sys.executable, '-m', mod, *args])
+
+def test_lora_alpha_reaches_a_study_files_adapters(data, tmp_path):
+    """--lora_alpha scales the adapters that come with a study-format classifier (was: always the default 1)."""
+    from edm_dg.disc_training import build
+    net = tiny_classifier()
+    lora.apply_lora(net, 2)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith('lora_B'):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    study = tmp_path / 'study.pt'
+    torch.save(net.state_dict(), study)
+    discs = {a: build(str(study), lora_alpha=a, head_width=64, head_depth=1)[0] for a in (1.0, 3.0)}
+    assert lora.lora_config(discs[3.0].classifier) == (2, 3.0) and lora.lora_config(discs[1.0].classifier) == (2, 1.0)
+    x, t = torch.randn(2, 3, 16, 16, generator=gen), torch.tensor([0.1, 0.6])
+    with torch.no_grad():
+        assert not torch.allclose(discs[1.0].classifier.features(x, t), discs[3.0].classifier.features(x, t))
+    last = train(str(tmp_path / 'run'), str(data / 'real'), str(data / 'fake'), str(study), epochs=1, batch=16, num=16,
+                 lora_alpha=3.0, **TINY)
+    ckpt = torch.load(last, weights_only=True)
+    assert (ckpt['lora_rank'], ckpt['lora_alpha']) == (2, 3.0)
