@@ -58,7 +58,7 @@ GRID_SEEDS = 100
 @click.option('--npz',                     help='Also write compressed uint8 .npz shards (samples, label, seeds)', is_flag=True)
 @click.option('--resume/--no-resume',      help='Skip seeds whose image already exists', default=True, show_default=True)
 @click.option('--grid',                    help='Also write a grid of the first 100 seeds\' images to this PNG', metavar='PATH', type=str, default=None)
-@click.option('--grid_compare',            help='With --grid and --disc: plain (left) and guided (right) grids of the same seeds', is_flag=True)
+@click.option('--grid_compare',            help='With --grid and --disc: plain (left) and guided (right) grids of the same seeds (plain images go to GRID-plain/ beside the grid)', is_flag=True)
 @runtime_options
 @command_body
 def main(**kwargs):
@@ -100,7 +100,7 @@ def run(network_pkl, outdir, seeds, subdirs=False, class_idx=None, max_batch_siz
         guided = gridlib.tile(gridlib.folder_images(outdir, grid_seeds, subdirs), cols=10)
         panels = [guided]
         if grid_compare:
-            plain_dir = os.path.join(outdir, 'grid-plain')
+            plain_dir = os.path.splitext(grid)[0] + '-plain'  # beside the grid, not in --outdir (FID reads all of it)
             plain = dict(settings, dg_weight_1st_order=0.0, dg_weight_2nd_order=0.0, boosting=False)
             generate(fast_net, plain_dir, grid_seeds, sampler_kwargs=plain, resume=True, progress=False, **common)
             panels.insert(0, gridlib.tile(gridlib.folder_images(plain_dir, grid_seeds, subdirs), cols=10))

@@ -6,3 +6,4 @@ EDM pickles reference `dnnlib.util.EasyDict`, and source embedded in them may
 
 from . import util
 from .util import EasyDict, make_cache_dir_path
+__all__ = ["util", "EasyDict", "make_cache_dir_path"]

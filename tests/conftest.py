@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from helpers import DATA, build_encoder, write_tiny_files
+from helpers import DATA, build_encoder, tiny_classifier, write_tiny_files
 from training import networks
 
 @pytest.fixture(scope='session')
@@ -30,3 +30,10 @@ def ref_nets(ref):
 def tiny_files(tmp_path):
     """A tiny conditional EDM pickle, classifier .pt and own-format discriminator .pt."""
     return write_tiny_files(str(tmp_path))
+
+@pytest.fixture(scope='module')
+def classifier(tmp_path_factory):
+    """A tiny ADM classifier state dict (16x16, 10 classes) saved as .pt; its path."""
+    path = tmp_path_factory.mktemp('cls') / 'cls.pt'
+    torch.save(tiny_classifier().state_dict(), path)
+    return str(path)

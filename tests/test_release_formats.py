@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import assert_one_line_error, py, tiny_classifier
+from helpers import assert_one_line_error, py
 from edm_dg import metrics
 from edm_dg.disc_training import load_pair, train
 from edm_dg.image_sets import ImageSource, load_image_set
@@ -105,12 +105,6 @@ def test_release_format_as_real_and_fake(kind, tmp_path):
         assert targets.tolist() == [1.0] * N + [0.0] * N
         if labelled:
             assert (labels[:N] if real == path else labels[N:]).tolist() == y.tolist()
-
-@pytest.fixture(scope='module')
-def classifier(tmp_path_factory):
-    path = tmp_path_factory.mktemp('cls') / 'cls.pt'
-    torch.save(tiny_classifier().state_dict(), path)
-    return str(path)
 
 def test_trains_on_release_files(classifier, tmp_path):
     """A conditional run on true_data.npz (integer labels) against a samples_*.npz folder (one-hot labels)."""

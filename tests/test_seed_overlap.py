@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import tiny_classifier
 from edm_dg import io as dgio
 from edm_dg import seed_provenance as sp
 from edm_dg.disc_training import train
@@ -95,12 +94,6 @@ def test_overlap_found_and_disjoint():
     assert 'seeds 0-49999' in msg and 'at 0-9999' in msg and '--seeds=50000-59999' in msg
     assert sp.overlap_message('discriminator.pt', ranges, range(100000, 150000)) is None
     assert sp.overlap_message('discriminator.pt', None, range(10)) is None
-
-@pytest.fixture(scope='module')
-def classifier(tmp_path_factory):
-    path = tmp_path_factory.mktemp('cls') / 'cls.pt'
-    torch.save(tiny_classifier().state_dict(), path)
-    return str(path)
 
 def test_train_disc_records_fake_seeds(classifier, tmp_path):
     real = generated_folder(tmp_path / 'real', range(1000, 1032))  # any images; only the fakes' seeds count

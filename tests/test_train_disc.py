@@ -1,12 +1,10 @@
 """train_disc.py: learning, LoRA freezing, exact resume, torchrun, input formats, bad input."""
 
-import json
 import os
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from helpers import assert_one_line_error, py, tiny_classifier, torchrun, sharp_and_blurred, write_set
