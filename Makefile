@@ -21,7 +21,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 # Two single-threaded pytest workers use both cores better than one two-threaded run.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist=worksteal tests
 
 demo: $(STAMP)
 	$(PY) -m edm_dg.demo --outdir=demo-out
