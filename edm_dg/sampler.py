@@ -18,7 +18,7 @@ import torch
 
 from .guidance import DGDenoiser
 
-GAMMA_MAX = np.sqrt(2) - 1
+GAMMA_MAX = np.sqrt(2) - 1  # EDM's cap on the churn factor gamma
 
 #----------------------------------------------------------------------------
 
@@ -29,9 +29,21 @@ def step_schedule(num_steps, sigma_min, sigma_max, rho, round_sigma, device=None
     t_steps = (hi + i / (num_steps - 1) * (lo - hi)) ** rho
     return torch.cat([round_sigma(t_steps), torch.zeros_like(t_steps[:1])])
 
-def clamp_sigmas(net, sigma_min, sigma_max):
-    """The requested noise range, limited to what the network supports."""
-    return max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max)
+def edm_schedule(net, num_steps, sigma_min=0.002, sigma_max=80, rho=7, device=None):
+    """EDM's noise levels t_0 > ... > t_{N-1} > t_N = 0 for `net`.
+
+    Returns (device tensor [N+1] float64, host list of N+1 floats); the host
+    copy is made once here, before any sampling loop starts.
+    """
+    if int(num_steps) != num_steps or num_steps < 2:
+        raise ValueError(f'num_steps must be an integer >= 2, got {num_steps!r}')
+    lo = max(float(sigma_min), float(net.sigma_min))
+    hi = min(float(sigma_max), float(net.sigma_max))
+    if not 0 < lo < hi:
+        raise ValueError(f'need 0 < sigma_min < sigma_max after clamping to the net, got {lo} and {hi}')
+    t_dev = step_schedule(int(num_steps), lo, hi, rho, net.round_sigma, device=device).to(torch.float64)
+    t_dev = t_dev.reshape(-1)
+    return t_dev, [float(v) for v in t_dev.detach().cpu().tolist()]
 
 def take_rows(idx, *values):
     """Each value with its rows reordered by idx ([N] LongTensor); None and scalars pass through."""
@@ -98,9 +110,7 @@ def dg_sampler(
     den2 = DGDenoiser(net, discriminator, dg_weight_2nd_order, **window)
     boost = Boosting(boost_S_churn, boost_S_noise, boost_period, boost_weight_period) if boosting and den1.active() else None
 
-    sigma_min, sigma_max = clamp_sigmas(net, sigma_min, sigma_max)
-    t_steps = step_schedule(num_steps, sigma_min, sigma_max, rho, net.round_sigma, device=latents.device)
-    t_host = t_steps.cpu().tolist()  # drives every host-side decision
+    t_steps, t_host = edm_schedule(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)  # t_host drives every host-side decision
     log_ratio = torch.full([latents.shape[0]], float('inf'), device=latents.device)
 
     x_next = latents.to(torch.float64) * t_steps[0]

@@ -31,7 +31,7 @@ from collections import namedtuple
 import torch
 
 from .guidance import guided
-from .sampler import dg_sampler, step_schedule, take_rows
+from .sampler import GAMMA_MAX, dg_sampler, edm_schedule, step_schedule, take_rows
 
 __all__ = [
     'GAMMA_MAX', 'RestartInterval', 'RESTART_CIFAR10', 'parse_restart', 'format_restart',
@@ -39,26 +39,9 @@ __all__ = [
     'dpmpp2m_sampler', 'restart_sampler', 'SAMPLERS', 'nfe', 'sample',
 ]
 
-GAMMA_MAX = math.sqrt(2) - 1  # EDM's cap on the churn factor gamma.
 
 #----------------------------------------------------------------------------
 # Shared pieces.
-
-def edm_schedule(net, num_steps, sigma_min=0.002, sigma_max=80, rho=7, device=None):
-    """EDM's noise levels t_0 > ... > t_{N-1} > t_N = 0 for `net`.
-
-    Returns (device tensor [N+1] float64, host list of N+1 floats); the host
-    copy is made once here, before any sampling loop starts.
-    """
-    if int(num_steps) != num_steps or num_steps < 2:
-        raise ValueError(f'num_steps must be an integer >= 2, got {num_steps!r}')
-    lo = max(float(sigma_min), float(net.sigma_min))
-    hi = min(float(sigma_max), float(net.sigma_max))
-    if not 0 < lo < hi:
-        raise ValueError(f'need 0 < sigma_min < sigma_max after clamping to the net, got {lo} and {hi}')
-    t_dev = step_schedule(int(num_steps), lo, hi, rho, net.round_sigma, device=device).to(torch.float64)
-    t_dev = t_dev.reshape(-1)
-    return t_dev, [float(v) for v in t_dev.detach().cpu().tolist()]
 
 def churn_gamma(t_cur, S_churn, num_steps, S_min=0.0, S_max=float('inf')):
     """EDM's gamma_i for host noise level t_cur: min(S_churn/N, sqrt(2)-1) inside [S_min, S_max], else 0."""
