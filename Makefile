@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) -m edm_dg.demo --outdir=demo-out
 
 demo-from-scratch: $(STAMP)
-	$(PY) -m edm_dg.demo --outdir=demo-out --from-scratch
+	$(PY) -m edm_dg.demo --outdir=demo-out --from_scratch
 
 bench: $(STAMP)
 	$(PY) -m edm_dg.bench

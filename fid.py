@@ -11,7 +11,8 @@ import click
 from torch_utils import distributed as dist
 from edm_dg import metrics
 from edm_dg.cli import command_body
-from edm_dg.options import dg_options, pop_sampler_options, runtime_options, sampler_options, sampler_settings
+from edm_dg.options import (batch_option, dg_options, pop_disc_options, pop_sampler_options, runtime_options, sampler_options,
+                            sampler_settings)
 from edm_dg.precision import fast_paths
 
 @click.group(help=__doc__)
@@ -25,7 +26,7 @@ DETECTOR = click.option('--detector', help='inception-2015-12-05.pkl path/URL, a
 @click.option('--ref', 'ref_path', help='Reference statistics (.npz with mu, sigma)', metavar='NPZ|URL', required=True)
 @click.option('--num_images', '--num', 'num', help='Number of images to use (torchrun: write --num_images)', type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed', help='Random seed for selecting the images', type=int, default=0, show_default=True)
-@click.option('--batch', help='Maximum batch size per process', type=click.IntRange(min=1), default=64, show_default=True)
+@batch_option('batch', 64)
 @DETECTOR
 @click.option('--device', default=None, help='Device  [default: cuda if available]')
 @click.option('--json', 'json_out', help='Also write the result to this JSON file', metavar='PATH', default=None)
@@ -43,13 +44,13 @@ def calc(image_path, ref_path, num, seed, batch, detector, device, json_out):
     if dist.get_rank() == 0:
         print(f'{fid:g}')
         if json_out:
-            from edm_dg.io import atomic_write_json
+            from edm_dg.fileio import atomic_write_json
             atomic_write_json(json_out, dict(fid=fid, images=image_path, ref=ref_path, num=num, seed=seed, detector=det.name))
 
 @main.command()
 @click.option('--data', 'dataset_path', help='Dataset: folder, zip or .npz', metavar='PATH|ZIP', required=True)
 @click.option('--dest', 'dest_path', help='Destination .npz file', metavar='NPZ', required=True)
-@click.option('--batch', help='Maximum batch size per process', type=click.IntRange(min=1), default=64, show_default=True)
+@batch_option('batch', 64)
 @DETECTOR
 @click.option('--device', default=None, help='Device  [default: cuda if available]')
 @command_body
@@ -73,7 +74,7 @@ def _dg_eval_options(fn):
         click.option('--ref', 'ref_path', help='Reference statistics (.npz with mu, sigma)', metavar='NPZ|URL', required=True),
         click.option('--outdir', help='Results folder (CSV, PNG, temporary images)', metavar='DIR', required=True),
         click.option('--seeds', help='Sampling seeds, the same for every point; disjoint from the seeds of the training fakes', metavar='LIST', default='0-9999', show_default=True),
-        click.option('--batch', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True),
+        batch_option('batch', 64),
         click.option('--keep_images', is_flag=True, help='Keep each point\'s images (default: delete once its FID is recorded)'),
         click.option('--allow_seed_overlap', is_flag=True, help='Evaluate even when --seeds overlap the seeds of the discriminator\'s training fakes (biased FID)'),
         DETECTOR,
@@ -83,8 +84,8 @@ def _dg_eval_options(fn):
     return sampler_options(dg_options(runtime_options(fn)))
 
 def _prepare(kw, disc_path, allow_seed_overlap):
-    """Device, networks, reference, detector, seeds and sampler settings of an `epochs`/`sweep` run."""
-    from edm_dg.io import parse_seeds
+    """Device, networks, reference, detector, seeds, sampler settings and discriminator files of an `epochs`/`sweep` run."""
+    from edm_dg.fileio import parse_seeds
     from edm_dg.models import load_models
     from edm_dg.seed_provenance import check_overlap
     seeds = parse_seeds(kw.pop('seeds'))
@@ -95,17 +96,17 @@ def _prepare(kw, disc_path, allow_seed_overlap):
     if warning:
         dist.print0(f'Warning: {warning}')
     device = dist.init_device(kw.pop('device'))
-    net, disc = load_models(kw.pop('network_pkl'), device, disc_path=disc_path, classifier_path=kw['classifier_path'],
-                            trust_pickle=kw.pop('trust_pickle'), lora_alpha=kw['lora_alpha'], disc_time=kw['disc_time'])
+    disc_opts = pop_disc_options(kw)
+    net, disc = load_models(kw.pop('network_pkl'), device, trust_pickle=kw.pop('trust_pickle'), **dict(disc_opts, disc_path=disc_path))
     settings = sampler_settings(sampler_opts, net.label_dim, guided=True)
     net, disc = fast_paths(net, disc, kw.pop('precision'), kw.pop('disc_precision'), kw.pop('channels_last'), kw.pop('compile_nets'))
     ref = metrics.load_ref(kw.pop('ref_path'))
     det = metrics.load_detector(kw.pop('detector'), device, log=dist.print0)
     dist.print0(f'Detector: {det.name}')
-    return device, net, disc, ref, det, seeds, settings
+    return device, net, disc, ref, det, seeds, settings, disc_opts
 
 @main.command()
-@click.option('--run', 'run_dir', help='train_disc.py run folder (disc-*.pt)', metavar='DIR', required=True)
+@click.option('--run_dir', '--run', 'run_dir', help='train_disc.py run folder (disc-*.pt); under torchrun write --run_dir (torchrun takes --run for its --run-path)', metavar='DIR', required=True)
 @click.option('--every', help='Evaluate every k-th checkpoint (and the last)', type=click.IntRange(min=1), default=1, show_default=True)
 @_dg_eval_options
 @command_body
@@ -117,9 +118,10 @@ def epochs(run_dir, every, outdir, batch, keep_images, allow_seed_overlap, **kw)
     if not kw.get('classifier_path'):
         raise ValueError('--classifier is required: the ADM classifier the run was trained with')
     last = checkpoint_epochs(run_dir, every)[-1][1]
-    device, net, _, ref, det, seeds, settings = _prepare(kw, last, allow_seed_overlap)
-    disc_kwargs = dict(lora_alpha=kw['lora_alpha'], time_schedule=kw['disc_time'])
-    rows, best = fid_over_epochs(net, run_dir, kw['classifier_path'], seeds, ref, det, outdir, device, settings,
+    device, net, _, ref, det, seeds, settings, files = _prepare(kw, last, allow_seed_overlap)
+    disc_kwargs = dict(lora_alpha=files['lora_alpha'], time_schedule=files['disc_time'], lora_checkpoint=files['lora_checkpoint'],
+                       lora_rank=files['lora_rank'])
+    rows, best = fid_over_epochs(net, run_dir, files['classifier_path'], seeds, ref, det, outdir, device, settings,
                                  every=every, batch=batch, keep_images=keep_images, log=dist.print0, disc_kwargs=disc_kwargs)
     dist.print0(f'Best epoch {best["epoch"]}: FID {float(best["fid"]):.4f} ({outdir}/fid_epochs.csv, fid_epochs.png)')
 
@@ -138,7 +140,7 @@ def sweep(param, values, refine, outdir, batch, keep_images, allow_seed_overlap,
         vals = [float(v) for v in values.split(',')]
     except ValueError:
         raise ValueError(f'--values="{values}": expected comma-separated numbers') from None
-    device, net, disc, ref, det, seeds, settings = _prepare(kw, kw['disc_path'], allow_seed_overlap)
+    device, net, disc, ref, det, seeds, settings, _ = _prepare(kw, kw['disc_path'], allow_seed_overlap)
     rows, best = run_sweep(net, param, vals, seeds, ref, det, outdir, device, dict(settings, discriminator=disc),
                            refine=refine, batch=batch, keep_images=keep_images, log=dist.print0)
     dist.print0(f'Best {param}={best["value"]}: FID {float(best["fid"]):.4f} ({outdir}/sweep_{param}.csv)')

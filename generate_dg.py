@@ -32,12 +32,13 @@ import click
 
 from torch_utils import distributed as dist
 from edm_dg import grid as gridlib
-from edm_dg import io as dgio
+from edm_dg import fileio
 from edm_dg.cli import command_body
 from edm_dg.generate import generate
 from edm_dg.models import check_class, load_models
-from edm_dg.options import (dg_options, pop_sampler_options, pop_selection_options, runtime_options, sampler_options,
-                            sampler_settings, selection_options, selection_settings)
+from edm_dg.options import (RESUME, batch_option, dg_options, output_peer_options, pop_disc_options, pop_sampler_options,
+                            pop_selection_options, runtime_options, sampler_options, sampler_settings, seeds_from_peer_options,
+                            selection_options, selection_settings)
 from edm_dg.precision import fast_paths
 from edm_dg.seed_provenance import check_overlap
 
@@ -48,15 +49,16 @@ GRID_SEEDS = 100
 @click.command(help=__doc__)
 @click.option('--network', 'network_pkl',  help='EDM network pickle (path or URL)', metavar='PATH|URL', type=str, required=True)
 @click.option('--outdir',                  help='Where to save the output images', metavar='DIR', type=str, required=True)
-@click.option('--seeds',                   help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', type=str, default='0-63', show_default=True)
+@click.option('--seeds',                   help='Random seeds (e.g. 1,2,5-10)  [default: 0-63]', metavar='LIST', type=str, default=None)
 @click.option('--subdirs',                 help='Create subdirectory for every 1000 seeds', is_flag=True)
 @click.option('--class', 'class_idx',      help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
-@click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@batch_option('max_batch_size', 64)
 @sampler_options
 @dg_options
 @selection_options
 @click.option('--npz',                     help='Also write compressed uint8 .npz shards (samples, label, seeds)', is_flag=True)
-@click.option('--resume/--no-resume',      help='Skip seeds whose image already exists', default=True, show_default=True)
+@output_peer_options
+@RESUME
 @click.option('--grid',                    help='Also write a grid of the first 100 seeds\' images to this PNG', metavar='PATH', type=str, default=None)
 @click.option('--grid_compare',            help='With --grid and --disc: plain (left) and guided (right) grids of the same seeds (plain images go to GRID-plain/ beside the grid)', is_flag=True)
 @runtime_options
@@ -64,12 +66,17 @@ GRID_SEEDS = 100
 def main(**kwargs):
     run(**kwargs)
 
-def run(network_pkl, outdir, seeds, subdirs=False, class_idx=None, max_batch_size=64, disc_path=None, classifier_path=None,
-        lora_alpha=None, disc_time=None, npz=False, resume=True, grid=None, grid_compare=False, device=None, precision='fp32',
+def run(network_pkl, outdir, seeds=None, subdirs=False, class_idx=None, max_batch_size=64, npz=False, num_samples=None,
+        save_format=None, save_type=None, resume=True, grid=None, grid_compare=False, device=None, precision='fp32',
         disc_precision=None, channels_last=False, compile_nets=False, trust_pickle=False, log=None, **options):
     """generate_dg.py as a function: options as the command's parameter names."""
     log = log or dist.print0
-    seeds = dgio.parse_seeds(seeds, option='--seeds')
+    seeds = fileio.parse_seeds(seeds_from_peer_options(seeds or '0-63', num_samples, seeds is not None), option='--seeds')
+    if save_format == 'npz' and save_type == 'npz':
+        raise ValueError('--save_format=npz (the study\'s keys) and --save_type=npz (the release\'s) both ask for shards; pass one')
+    npz = 'study' if save_format == 'npz' else (npz or save_type == 'npz')
+    disc_opts = pop_disc_options(options)
+    disc_path = disc_opts['disc_path']
     sampler_opts = pop_sampler_options(options)
     selection_opts = pop_selection_options(options)
     if options:
@@ -79,8 +86,7 @@ def run(network_pkl, outdir, seeds, subdirs=False, class_idx=None, max_batch_siz
     selection_settings(selection_opts, guided=disc_path is not None)  # Its errors before any loading.
     device = dist.init_device(device)
     _check_writable(outdir)
-    net, disc = load_models(network_pkl, device, disc_path=disc_path, classifier_path=classifier_path,
-                            trust_pickle=trust_pickle, lora_alpha=lora_alpha, disc_time=disc_time, log=log)
+    net, disc = load_models(network_pkl, device, trust_pickle=trust_pickle, log=log, **disc_opts)
     check_class(net, class_idx, network_pkl)
     settings = sampler_settings(sampler_opts, net.label_dim, guided=disc is not None)
     selection = selection_settings(selection_opts, settings['num_steps'], guided=disc is not None)

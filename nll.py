@@ -22,43 +22,41 @@ import torch
 import tqdm
 
 from torch_utils import distributed as dist
-from edm_dg import image_sets, io as dgio
+from edm_dg import fileio, image_sets
 from edm_dg.cli import command_body
 from edm_dg.models import load_models
 from edm_dg.nll import bits_per_dim, dequantize, log_likelihood
+from edm_dg.options import (DEFAULTS, DEVICE, DG_WEIGHT_1, TIME_MAX, TIME_MIN, TRUST_PICKLE, batch_option, disc_options,
+                            pop_disc_options)
 
 @click.command(help=__doc__)
 @click.option('--network', 'network_pkl', help='EDM network pickle', metavar='PATH|URL', required=True)
 @click.option('--data', help='Images: EDM dataset zip/folder, .npz or image folder', metavar='PATH', required=True)
-@click.option('--num_images', '--num', 'num', help='Images to evaluate (seeded subset)', type=click.IntRange(min=1), default=None)
-@click.option('--batch', help='Batch size per process', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--num_images', '--num', 'num', help='Images to evaluate (seeded subset); under torchrun write --num_images (torchrun takes --num for its --numa-binding)', type=click.IntRange(min=1), default=None)
+@batch_option('batch', 64)
 @click.option('--steps', 'num_steps', help='Heun steps of the ODE', type=click.IntRange(min=2), default=128, show_default=True)
 @click.option('--seed', help='Seed for subset, dequantisation and probes', type=int, default=0, show_default=True)
-@click.option('--disc', 'disc_path', help='Discriminator for DG in the drift', metavar='PATH', default=None)
-@click.option('--classifier', 'classifier_path', help='Its ADM classifier', metavar='PATH', default=None)
-@click.option('--dg_weight_1st_order', '--w', 'dg_weight', help='DG weight w in the drift  [default: 0 without --disc; '
-              'with --disc 2 for an unconditional and 1 for a conditional net, as generate_dg.py]', metavar='FLOAT', type=float, default=None)
-@click.option('--time_min', help='DG term zero below this VP time, as in the sampler', metavar='FLOAT',
-              type=click.FloatRange(min=0, max=1), default=0.01, show_default=True)
-@click.option('--time_max', help='DG term zero above this VP time, as in the sampler', metavar='FLOAT',
-              type=click.FloatRange(min=0, max=1), default=1.0, show_default=True)
-@click.option('--disc_time', help='Time the classifier is fed, as generate_dg.py --disc_time: linear VP time, or cosine time '
-              '(64x64 ADM classifiers); pass linear for 64x64 heads trained the release\'s way  [default: as recorded in an '
-              'edm-dg checkpoint; for the release\'s heads, what its sampler does: cosine at 64x64, else linear]',
-              type=click.Choice(['linear', 'cosine']), default=None)
+@disc_options
+@DG_WEIGHT_1
+@TIME_MIN
+@TIME_MAX
 @click.option('--json', 'json_out', help='Write results to this JSON file', metavar='PATH', default=None)
-@click.option('--device', default=None, help='Device  [default: cuda if available]')
-@click.option('--trust_pickle', is_flag=True, help="Use EDM's own unpickling (executes code in the file)")
+@DEVICE
+@TRUST_PICKLE
 @command_body
-def main(network_pkl, data, num, batch, num_steps, seed, disc_path, classifier_path, dg_weight, time_min, time_max,
-         disc_time, json_out, device, trust_pickle):
+def main(network_pkl, data, num, batch, num_steps, seed, dg_weight_1st_order, time_min, time_max, json_out, device,
+         trust_pickle, **disc_kwargs):
+    disc_opts = pop_disc_options(disc_kwargs)
+    disc_path, classifier_path = disc_opts['disc_path'], disc_opts['classifier_path']
+    dg_weight = dg_weight_1st_order
+    time_min = DEFAULTS['time_min'] if time_min is None else time_min
+    time_max = DEFAULTS['time_max'] if time_max is None else time_max
     if disc_path is None and dg_weight:
         raise ValueError(f'--dg_weight_1st_order={dg_weight} needs a discriminator; pass --disc and --classifier')
     if time_min > time_max:
         raise ValueError(f'--time_min={time_min} is above --time_max={time_max}; pass time_min <= time_max')
     device = dist.init_device(device)
-    net, disc = load_models(network_pkl, device, disc_path=disc_path, classifier_path=classifier_path, trust_pickle=trust_pickle,
-                            disc_time=disc_time)
+    net, disc = load_models(network_pkl, device, trust_pickle=trust_pickle, **disc_opts)
     if disc is not None and dg_weight is None:
         dg_weight = 1.0 if net.label_dim else 2.0
     dg_weight = float(dg_weight or 0.0)
@@ -93,7 +91,7 @@ def main(network_pkl, data, num, batch, num_steps, seed, disc_path, classifier_p
         print(f'NLL: {mean:.4f} +- {se:.4f} bits/dim (mean +- s.e., {len(allr)} images, {num_steps} steps, '
               f'w={dg_weight}{window}; {process_seconds / len(allr):.3g} s/image per process)')
         if json_out:
-            dgio.atomic_write_json(json_out, dict(
+            fileio.atomic_write_json(json_out, dict(
                 bpd_mean=mean, bpd_se=se if len(allr) > 1 else None, n=len(allr), bpd=allr, steps=num_steps, seed=seed, batch=batch,
                 dg_weight_1st_order=dg_weight, w=dg_weight, time_min=time_min, time_max=time_max,
                 network=network_pkl, data=data, disc=disc_path, classifier=classifier_path,

@@ -13,7 +13,7 @@ paired test with --paired) between --a and --b.
 import click
 
 from edm_dg import stats
-from edm_dg.io import atomic_write_json
+from edm_dg.fileio import atomic_write_json
 
 @click.command(help=__doc__)
 @click.option('--a', 'a_path', help='Values of group A (CSV or JSON)', metavar='PATH', required=True)

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from edm_dg import vp
 from edm_dg.bench import release_style, released_discriminator, time_interleaved
-from edm_dg.disc_training import _generator, train_step
+from edm_dg.disc_training import train_step
 
 class ReleaseStyle:
     """The release's loop: DataLoader over numpy, per-sample ToTensor, trainable classifier, checkpointed attention."""
@@ -70,7 +70,7 @@ class Ours:
         self.params = list(disc.head.parameters())
         self.opt = torch.optim.Adam(self.params, lr=3e-4, weight_decay=1e-7)
         self.scaler = torch.amp.GradScaler('cpu', enabled=False)
-        self.gen = _generator('cpu', 0, 0)
+        self.gen = vp.seeded_generator('cpu', 0, 0)
 
     def run(self, steps):
         perm = torch.randperm(len(self.images), generator=self.gen)

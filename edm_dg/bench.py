@@ -22,7 +22,8 @@ from .adm import AttentionBlock, EncoderUNet
 from .discriminator import Discriminator, make_head
 from .layouts import ADM_CLASSIFIERS, edm_network
 from .precision import PRECISIONS, fast_paths
-from .sampler import dg_sampler, step_schedule
+from .sampling import dg_sampler, edm_schedule, nfe, window_on_host
+from .sampling.score import log_ratio_vp
 
 def cifar10_ddpmpp(seed=0, label_dim=0):
     """EDM's CIFAR-10 DDPM++ configuration (train.py --arch=ddpmpp --precond=edm)."""
@@ -98,13 +99,12 @@ def flop_floor(net, disc, batch, steps, device, w1=2.0, time_min=0.01, time_max=
     f_net = count_flops(lambda: net(x, sigma))
     def dg_fwd_bwd():  # dg_correction's work; FlopCounterMode cannot follow autograd.grad, so use backward().
         x_vp = x.detach().clone().requires_grad_(True)
-        d = disc(x_vp, vp.sigma_to_tau(sigma.double()), None).clip(1e-5, 1 - 1e-5)
-        torch.log(d / (1 - d)).sum().backward()
+        log_ratio_vp(disc, x_vp, vp.sigma_to_tau(sigma.double())).sum().backward()
     f_dg = count_flops(dg_fwd_bwd)
-    t = step_schedule(steps, max(0.002, net.sigma_min), min(80, net.sigma_max), 7, net.round_sigma).tolist()
-    nfe = 2 * steps - 1
-    guided_evals = sum(1 for s in t[:-1] if time_min <= vp.sigma_to_tau(torch.tensor(s)).item() <= time_max) if w1 else 0
-    return nfe * f_net, nfe * f_net + guided_evals * f_dg, f_net / batch, f_dg / batch
+    t = edm_schedule(net, steps)[1]
+    evals = nfe('heun', steps, net)
+    guided_evals = sum(1 for s in t[:-1] if window_on_host([s], time_min, time_max)) if w1 else 0
+    return evals * f_net, evals * f_net + guided_evals * f_dg, f_net / batch, f_dg / batch
 
 def time_interleaved(fns, repeats):
     """Median time of each fn and the median of its per-round time ratio to fns[0].

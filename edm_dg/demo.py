@@ -1,7 +1,7 @@
 """The end-to-end DG demo on real data that ships with scikit-learn (8x8 digits), offline, on a CPU.
 
     python -m edm_dg.demo --outdir=demo-out            # (make demo) shipped base model + classifier
-    python -m edm_dg.demo --outdir=demo-out --from-scratch   # (make demo-from-scratch) retrain them first
+    python -m edm_dg.demo --outdir=demo-out --from_scratch   # (make demo-from-scratch) retrain them first
 
 Every stage runs the command a GPU user runs (fid.py, generate_dg.py,
 train_disc.py, stats.py); the demo only chains them, times them and writes
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import grid as gridlib
-from . import io as dgio
+from . import fileio
 from .digits import digits_u8, train_feature_net, write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +91,7 @@ def fid_of(images_dir, ref, detector, num):
 
 @click.command(help=__doc__)
 @click.option('--outdir', default='demo-out', show_default=True, help='Output folder (report.md and everything it shows)')
-@click.option('--from-scratch', 'from_scratch', is_flag=True, help='Retrain the base model, classifier and FID features first')
+@click.option('--from_scratch', '--from-scratch', 'from_scratch', is_flag=True, help='Retrain the base model, classifier and FID features first')
 @click.option('--toy', is_flag=True, help='Seconds-long smoke run with tiny sizes (for tests)')
 @click.option('--num', 'num', type=click.IntRange(min=8), default=2000, show_default=True, help='Samples per seed set')
 @click.option('--sets', type=click.IntRange(min=2), default=3, show_default=True, help='Seed sets (paired plain vs. DG)')
@@ -143,12 +143,12 @@ def main(outdir, from_scratch, toy, num, sets, w, epochs, steps):
 
     ep_dir = os.path.join(outdir, 'fid-epochs')
     st.run('fid.py epochs: FID of DG samples per discriminator epoch', lambda: cli(
-        script('fid.py'), 'epochs', f'--run={disc_run}', '--every=2', f'--network={net}', f'--classifier={cls}', f'--ref={ref}',
+        script('fid.py'), 'epochs', f'--run_dir={disc_run}', '--every=2', f'--network={net}', f'--classifier={cls}', f'--ref={ref}',
         f'--outdir={ep_dir}', f'--seeds=1-{max(num // 2, 8)}', f'--steps={steps}', f'--dg_weight_1st_order={w}', '--batch=256', f'--detector={det}'))
 
     def write_stats():
         for key in ('plain', 'dg'):
-            with dgio.atomic_open(os.path.join(outdir, f'fid_{key}.csv'), 'w') as f:
+            with fileio.atomic_open(os.path.join(outdir, f'fid_{key}.csv'), 'w') as f:
                 wr = csv.writer(f)
                 wr.writerow(['set', 'fid'])
                 wr.writerows([[r['set'], f'{r[key]:.6f}'] for r in results])
@@ -201,7 +201,7 @@ def write_report(outdir, results, s, times, total, w, num, epochs, steps, from_s
               '![training curves](disc/training-curves.png)', '', '## FID against discriminator epoch', '',
               '![fid vs epoch](fid-epochs/fid_epochs.png)', '', '## Stage times', '', '| stage | seconds |', '|---|---|']
     lines += [f'| {name} | {sec:.1f} |' for name, sec in times] + [f'| **total** | **{total:.1f}** |', '']
-    dgio.atomic_write_text(os.path.join(outdir, 'report.md'), '\n'.join(lines))
+    fileio.atomic_write_text(os.path.join(outdir, 'report.md'), '\n'.join(lines))
 
 if __name__ == '__main__':
     main()

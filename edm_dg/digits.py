@@ -11,7 +11,7 @@ import os
 import numpy as np
 import torch
 
-from . import io as dgio
+from . import fileio
 
 def digits_u8(seed=0):
     """uint8 images [1797, 1, 8, 8] (dequantised to 8 bits) and int64 labels."""
@@ -29,9 +29,9 @@ def write_dataset(outdir, images_u8, labels):
         rel = f'{i // 1000:05d}/img{i:08d}.png'
         path = os.path.join(outdir, rel)
         if not os.path.isfile(path):
-            dgio.save_png(path, im)
+            fileio.save_png(path, im)
         entries[rel] = int(y)
-    dgio.write_labels(outdir, entries)
+    fileio.write_labels(outdir, entries)
     return outdir
 
 #----------------------------------------------------------------------------
@@ -76,6 +76,6 @@ def train_feature_net(images_u8, labels, path, epochs=30, seed=0, log=print):
             correct += (logits.argmax(1) == labels[idx]).sum().item()
     log(f'FID feature net: train accuracy {correct / len(x_all):.3f} after {epochs} epochs')
     scripted = torch.jit.script(net.eval())
-    with dgio.atomic_open(path) as f:
+    with fileio.atomic_open(path) as f:
         torch.jit.save(scripted, f)
     return path

@@ -128,6 +128,9 @@ def build_encoder(sd, path, what, lora_alpha=lora_lib.DEFAULT_ALPHA):
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f'{path}: not a state dict of tensors; pass the {what} checkpoint (a guided-diffusion EncoderUNetModel state dict)')
     sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
+    if lora_lib.is_adapter_only(sd):
+        raise CheckpointError(f'{path}: holds LoRA adapters only (the study\'s lora_adm_*.pt); pass it as --lora_checkpoint '
+                              f'and the classifier it adapts (e.g. 32x32_classifier.pt) as --classifier')
     try:
         rank = lora_lib.rank_from_state_dict(sd) if lora_lib.has_lora_keys(sd) else 0
         args = infer_encoder_args(lora_lib.to_plain_state_dict(sd))
@@ -141,20 +144,59 @@ def build_encoder(sd, path, what, lora_alpha=lora_lib.DEFAULT_ALPHA):
                               f'pass the {what} checkpoint of the DG release or one saved by this project') from None
     return net, args, rank
 
-def load_classifier(path, lora_alpha=lora_lib.DEFAULT_ALPHA):
-    """The ADM classifier used as feature extractor: (net, args, sha256). Frozen, eval mode.
+def load_classifier(path, lora_alpha=lora_lib.DEFAULT_ALPHA, lora_checkpoint=None, lora_rank=None):
+    """The ADM classifier used as feature extractor: (net, args, sha256 of `path`). Frozen, eval mode.
 
-    A study-format LoRA file gets its adapters scaled by lora_alpha / rank
-    (None: `lora.DEFAULT_ALPHA`, the study's value).
+    LoRA adapters come inside a study-format classifier file or, as the study's
+    `generate.py --lora_checkpoint` takes them, from an adapter-only file beside
+    the plain classifier (docs/compat.md §6). Either way the updates are scaled
+    by lora_alpha / rank (None: `lora.DEFAULT_ALPHA`, the study's value) and the
+    rank is read from the file; lora_rank, when given, must equal it.
     """
     sd, sha = read_weights(path, 'classifier')
     if isinstance(sd, dict) and sd.get('format') == FORMAT:
         raise CheckpointError(f'{path}: this is a discriminator checkpoint; pass it as --disc and the ADM classifier as --classifier')
-    net, args, _ = build_encoder(sd, path, 'ADM classifier', check_lora_alpha(lora_alpha))
+    alpha = check_lora_alpha(lora_alpha)
+    net, args, rank = build_encoder(sd, path, 'ADM classifier', alpha)
     if args['out_channels'] == 1:
         raise CheckpointError(f'{path}: this is a discriminator head (one output), not an ADM classifier; '
                               f'pass it as --disc and the ADM classifier (e.g. 32x32_classifier.pt) as --classifier')
+    source = path
+    if lora_checkpoint is not None:
+        if rank:
+            raise CheckpointError(f'{path}: this classifier file carries LoRA adapters already; drop --lora_checkpoint '
+                                  f'or pass the plain classifier as --classifier')
+        rank = load_adapters(net, lora_checkpoint, alpha)
+        source = lora_checkpoint
+    if lora_rank is not None and lora_rank != rank:
+        found = f'adapters of rank {rank}' if rank else 'no LoRA adapters'
+        fix = (f'pass --lora_rank={rank} or drop it' if rank else
+               'pass the adapters with --lora_checkpoint, or drop --lora_rank')
+        raise CheckpointError(f'{source}: --lora_rank={lora_rank} but the file has {found}; {fix}')
     return net.eval().requires_grad_(False), args, sha
+
+def load_adapters(classifier, path, lora_alpha=lora_lib.DEFAULT_ALPHA):
+    """Put an adapter-only loralib file (keys `...in_layers.2.lora_A/B`) into a plain classifier; returns the rank."""
+    sd, _ = read_weights(path, 'LoRA adapters')
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f'{path}: not a state dict of tensors; pass the study\'s adapter file (lora_adm_*.pt) as --lora_checkpoint')
+    sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
+    if not lora_lib.is_adapter_only(sd):
+        raise CheckpointError(f'{path}: not an adapter-only LoRA file (it has keys such as {next(iter(sd), None)!r}); '
+                              f'pass a classifier as --classifier and only lora_A/lora_B tensors as --lora_checkpoint')
+    try:
+        rank = lora_lib.rank_from_state_dict(sd)
+        lora_lib.apply_lora(classifier, rank, lora_alpha)
+        want = {k: tuple(v.shape) for k, v in lora_lib.lora_state_dict(classifier).items()}
+        have = {k: tuple(v.shape) for k, v in sd.items()}
+        if want != have:
+            diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+            raise ValueError(f'first difference at {diff[0]}')
+        classifier.load_state_dict(sd, strict=False)
+    except ValueError as e:
+        raise CheckpointError(f'{path}: adapters do not fit this classifier ({e}); pass the adapters trained on the '
+                              f'classifier given as --classifier') from None
+    return rank
 
 #----------------------------------------------------------------------------
 # This project's checkpoint format.
@@ -178,6 +220,21 @@ def discriminator_checkpoint(disc, classifier_sha256, classifier_args, lora_rank
     if extra:
         ckpt.update(extra)
     return ckpt
+
+def study_files(disc, epoch=None):
+    """{file name: state dict} of the reproduction study's pair for this discriminator.
+
+    The study's train.py saves loralib's adapters (`lora_adm_*.pt`, only with
+    LoRA) and the head (`discrim_{uncond,cond}_*.pt`, the release's head layout);
+    its generate.py reads them with --lora_checkpoint and --discriminator_checkpoint.
+    Without epoch the names are the study's final ones, else the epoch's (0-based, as the study counts).
+    """
+    tag = 'final' if epoch is None else f'epoch{epoch}'
+    files = {f'discrim_{"cond" if disc.cond else "uncond"}_{tag}.pt':
+             {k: v.detach().cpu().clone() for k, v in disc.head.state_dict().items()}}
+    if lora_lib.lora_config(disc.classifier)[0]:
+        files[f'lora_adm_{tag}.pt'] = lora_lib.lora_state_dict(disc.classifier)
+    return files
 
 def _args_to_plain(args):
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in args.items()}
@@ -206,7 +263,8 @@ def _load_own_format(obj, disc_path, classifier, cls_sha, classifier_path, lora_
                               f'the file is damaged, write it again with train_disc.py') from None
     return head
 
-def load_discriminator(disc_path, classifier_path, device='cpu', time_schedule=None, lora_alpha=None):
+def load_discriminator(disc_path, classifier_path, device='cpu', time_schedule=None, lora_alpha=None, lora_checkpoint=None,
+                       lora_rank=None):
     """A frozen Discriminator from --disc and --classifier (released or own format).
 
     lora_alpha scales every LoRA update by lora_alpha / rank. None: as recorded
@@ -215,13 +273,21 @@ def load_discriminator(disc_path, classifier_path, device='cpu', time_schedule=N
     'cosine', the time the classifier is fed) overrides the convention; None:
     as recorded in an edm-dg checkpoint, else `default_time_schedule` (what the
     release's sampler does). `disc.time_source` says which of the three applied.
+    lora_checkpoint and lora_rank are `load_classifier`'s (the study's files).
     """
     obj, _ = read_weights(disc_path, 'discriminator')
     own = isinstance(obj, dict) and obj.get('format') == FORMAT
     if lora_alpha is None and own:
         lora_alpha = obj.get('lora_alpha', lora_lib.DEFAULT_ALPHA)
     lora_alpha = check_lora_alpha(lora_alpha)
-    classifier, cls_args, cls_sha = load_classifier(classifier_path, lora_alpha)
+    if own and obj.get('lora_rank', 0):
+        if lora_checkpoint is not None:
+            raise CheckpointError(f'{disc_path}: this checkpoint carries its own LoRA adapters; drop --lora_checkpoint')
+        if lora_rank is not None and lora_rank != obj['lora_rank']:
+            raise CheckpointError(f'{disc_path}: --lora_rank={lora_rank} but the checkpoint\'s adapters have rank '
+                                  f'{obj["lora_rank"]}; pass --lora_rank={obj["lora_rank"]} or drop it')
+    classifier, cls_args, cls_sha = load_classifier(classifier_path, lora_alpha, lora_checkpoint,
+                                                    None if own and obj.get('lora_rank', 0) else lora_rank)
     if own:
         head = _load_own_format(obj, disc_path, classifier, cls_sha, classifier_path, lora_alpha)
         recorded = obj.get('time_schedule')

@@ -14,9 +14,9 @@ import torch
 import tqdm
 
 from torch_utils import distributed as dist
-from . import io as dgio
-from . import selection as sel
-from .samplers import sample
+from . import fileio
+from .sampling import selection as sel
+from .sampling import sample
 
 #----------------------------------------------------------------------------
 
@@ -77,16 +77,16 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
              sampler_kwargs=None, selection=None, npz=False, resume=True, progress=True, log=print):
     """Generate `seeds` into `outdir` (EDM file names) plus dataset.json labels.
 
-    sampler_kwargs go to `edm_dg.samplers.sample` (sampler name, steps, DG
+    sampler_kwargs go to `edm_dg.sampling.sample` (sampler name, steps, DG
     settings and the discriminator). With resume, a seed whose PNG exists is not
-    generated again; with npz, a per-batch shard (samples, label, seeds) is
+    generated again; with npz (True, or 'study' for the study's keys: fileio.save_npz_shard), a per-batch shard is
     written once all its images exist. Images with non-finite values are not
     written; their seeds are returned. Returns dict(generated, skipped,
     nonfinite, seconds) for this rank.
 
     selection: None, or dict(chains, resample_steps, best) (edm_dg.options.
     selection_settings): each seed is sampled as `chains` chains and one is kept
-    (edm_dg.selection.sample_selected, with sampler_kwargs' discriminator);
+    (edm_dg.sampling.selection.sample_selected, with sampler_kwargs' discriminator);
     the scores go to outdir/selection.jsonl, one line per seed, merged over
     ranks and runs. max_batch_size still counts seeds.
     """
@@ -95,7 +95,7 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
     net_shape = [net.img_channels, net.img_resolution, net.img_resolution]
     batches = rank_batches(seeds, max_batch_size, rank, world_size)
     if rank == 0 and os.path.isdir(outdir):
-        dgio.remove_stale_temps(outdir)  # From a killed run; no rank writes before the barrier.
+        fileio.remove_stale_temps(outdir)  # From a killed run; no rank writes before the barrier.
     dist.barrier()
     generated, skipped, nonfinite, labels, records = 0, 0, [], {}, []
     start = time.time()
@@ -103,10 +103,10 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
     for batch in bar:
         if not batch:  # More ranks than batches of seeds.
             continue
-        relpaths = {s: dgio.image_relpath(s, subdirs) for s in batch}
+        relpaths = {s: fileio.image_relpath(s, subdirs) for s in batch}
         latents, class_labels, rnd = draw_inputs(net_shape, net.label_dim, batch, device, class_idx)
         labels.update(_label_entries(batch, relpaths, class_labels))
-        shard_path = os.path.join(outdir, 'shards', dgio.shard_name(batch)) if npz else None
+        shard_path = os.path.join(outdir, 'shards', fileio.shard_name(batch)) if npz else None
         todo = [s for s in batch if not (resume and os.path.isfile(os.path.join(outdir, relpaths[s])))]
         skipped += len(batch) - len(todo)
         if not todo and not (npz and not os.path.isfile(shard_path)):
@@ -124,17 +124,18 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
                 kept = [dict(r, image=relpaths[s].replace(os.sep, '/')) for s, ok, r in zip(todo, finite, batch_records) if ok]
                 sel.append_records(outdir, rank, kept)
                 records += kept
-            for s, ok, im in zip(todo, finite, dgio.to_uint8(images)):
+            for s, ok, im in zip(todo, finite, fileio.to_uint8(images)):
                 if not ok:
                     nonfinite.append(s)
                     continue
-                dgio.save_png(os.path.join(outdir, relpaths[s]), im)
+                fileio.save_png(os.path.join(outdir, relpaths[s]), im)
                 images_u8[s] = im
                 generated += 1
         if npz and not any(s in nonfinite for s in batch):
-            samples = np.stack([images_u8[s] if s in images_u8 else dgio.read_image(os.path.join(outdir, relpaths[s])) for s in batch])
+            samples = np.stack([images_u8[s] if s in images_u8 else fileio.read_image(os.path.join(outdir, relpaths[s])) for s in batch])
             lab = [-1 if labels[relpaths[s]] is None else labels[relpaths[s]] for s in batch]
-            dgio.save_npz_shard(shard_path, samples, lab, batch)
+            fileio.save_npz_shard(shard_path, samples, lab, batch, keys=npz if isinstance(npz, str) else 'edm-dg',
+                                  label_dim=net.label_dim)
     bar.close()
 
     # Labels of every seed of every rank go into one dataset.json, written by rank 0.
@@ -144,7 +145,7 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
         merged = {}
         for part in all_labels:
             merged.update(part)
-        dgio.write_labels(outdir, merged)
+        fileio.write_labels(outdir, merged)
         if selection is not None:
             sel.merge_records(outdir, [r for part in all_records for r in part])
     dist.barrier()

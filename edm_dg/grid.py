@@ -5,7 +5,7 @@ import os
 import numpy as np
 import PIL.Image
 
-from . import io as dgio
+from . import fileio
 
 def tile(images, cols, pad=1, fill=255):
     """HWC uint8 images -> one HWC uint8 grid, `cols` per row, `pad` pixels of `fill` around each."""
@@ -32,12 +32,12 @@ def save(path, grid, scale=1):
     img = PIL.Image.fromarray(grid[:, :, 0], 'L') if grid.shape[2] == 1 else PIL.Image.fromarray(grid, 'RGB')
     if scale != 1:
         img = img.resize((img.width * scale, img.height * scale), PIL.Image.NEAREST)
-    with dgio.atomic_open(path) as f:
+    with fileio.atomic_open(path) as f:
         img.save(f, format='png')
 
 def folder_images(folder, seeds, subdirs=False):
     """The images of `seeds` in a generate_dg.py output folder (EDM file names)."""
-    return [dgio.read_image(os.path.join(folder, dgio.image_relpath(s, subdirs))) for s in seeds]
+    return [fileio.read_image(os.path.join(folder, fileio.image_relpath(s, subdirs))) for s in seeds]
 
 def default_scale(resolution):
     """Upscaling that makes small images readable (8x8 digits -> 4x, 32x32 -> 1x)."""

@@ -4,8 +4,9 @@ Besides EDM's layouts this reads edm-dg's shards (`samples`, `label`, `seeds`)
 and the files of the Discriminator Guidance release: its sampler's
 `samples_*.npz` (`samples` + one-hot `label`, or `arr_0` + `arr_1`) with the
 `sample_*.png` grid previews it writes next to them, `true_data.npz` (`arr_0`,
-or `samples` + integer `label`) and `gen_data_for_discriminator_training.npz`.
-Every problem with a file is a one-line ValueError that names the file.
+or `samples` + integer `label`) and `gen_data_for_discriminator_training.npz`;
+and the reproduction study's `generate.py --save_format=npz` files (`images`,
+optional one-hot `labels`). Every problem with a file is a one-line ValueError that names the file.
 """
 
 import dataclasses
@@ -19,10 +20,10 @@ import numpy as np
 import torch
 
 from torch_utils import distributed as dist
-from .io import read_image
+from .fileio import read_image
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
-IMAGE_KEYS = ('samples', 'arr_0')            # edm-dg / release, then np.savez's positional name
+IMAGE_KEYS = ('samples', 'images', 'arr_0')  # edm-dg / release, the study, then np.savez's positional name
 LABEL_KEYS = ('label', 'labels', 'arr_1')
 PREVIEW = re.compile(r'sample_\d+\.png', re.IGNORECASE)  # the release's grid of a whole batch
 RELEASE_CACHE = 'gen_data_for_discriminator_training.npz'
@@ -83,7 +84,7 @@ def read_npz(path):
         keys = list(z.files)
         xkey = next((k for k in IMAGE_KEYS if k in keys), None)
         if xkey is None:
-            raise ValueError(f'{path}: .npz has no image array "samples" or "arr_0" (found {keys}); '
+            raise ValueError(f'{path}: .npz has no image array "samples", "images" or "arr_0" (found {keys}); '
                              f'store uint8 images [N,H,W,C] under "samples"')
         ykey = next((k for k in LABEL_KEYS if k in keys), None)
         arrays = {}

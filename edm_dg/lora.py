@@ -74,10 +74,16 @@ def lora_parameters(encoder):
 def has_lora_keys(state_dict):
     return any(k.endswith(('.lora_A', '.lora_B')) for k in state_dict)
 
+def is_adapter_only(state_dict):
+    """True for a file of adapters alone, as loralib's `lora_state_dict` saves them (the study's lora_adm_*.pt)."""
+    return bool(state_dict) and all(k.endswith(('.lora_A', '.lora_B')) for k in state_dict)
+
 def rank_from_state_dict(state_dict):
-    """loralib stores lora_A as [r*k, C_in*k] with k = 3 here."""
-    a = next(v for k, v in state_dict.items() if k.endswith('.lora_A'))
-    return a.shape[0] // 3
+    """loralib stores lora_A as [r*k, C_in*k] with k = 3 here; every adapter must give the same rank."""
+    rows = sorted({v.shape[0] for k, v in state_dict.items() if k.endswith('.lora_A') and v.ndim == 2})
+    if len(rows) != 1 or rows[0] == 0 or rows[0] % 3:
+        raise ValueError(f'lora_A row counts {rows} do not give one rank (rows = 3 * rank)')
+    return rows[0] // 3
 
 def to_plain_state_dict(state_dict):
     """Map loralib conv keys back to guided-diffusion names, dropping the adapters."""

@@ -20,7 +20,7 @@ from scipy import linalg
 
 import dnnlib
 from torch_utils import distributed as dist
-from . import image_sets, io as dgio
+from . import fileio, image_sets
 
 NVIDIA_DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 OFFLINE_SHA1 = 'a16e4d89c0ecbc17a915dd76ea9e41211aa82562'
@@ -179,5 +179,5 @@ def load_ref(path_or_url):
     return mu, sigma
 
 def save_ref(path, mu, sigma):
-    with dgio.atomic_open(path) as f:
+    with fileio.atomic_open(path) as f:
         np.savez(f, mu=mu, sigma=sigma)

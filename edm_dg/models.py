@@ -5,18 +5,35 @@ read its cache. Every mismatch between the network, the classifier and the head
 is refused with one line naming the file and the fix.
 """
 
+import os
+
 from torch_utils import distributed as dist
 from .disc_checkpoint import load_discriminator
 from .pickles import load_network_pickle
 
+DISCRETISATIONS = ('vp', 've', 'iddpm', 'edm')  # Values of the release's --disc, its time-step ablation.
+
 def load_models(network_pkl, device, *, disc_path=None, classifier_path=None, trust_pickle=False,
-                lora_alpha=None, disc_time=None, log=None):
-    """(net, disc): the frozen sampling network of an EDM pickle and the frozen Discriminator (or None)."""
+                lora_alpha=None, disc_time=None, lora_checkpoint=None, lora_rank=None, disc_cond=None, log=None):
+    """(net, disc): the frozen sampling network of an EDM pickle and the frozen Discriminator (or None).
+
+    lora_checkpoint / lora_rank: the study's adapter file beside the classifier
+    and its rank (checked against the file). disc_cond: what the peers' --cond /
+    --conditional say the head is (None: not said); a head of the other kind is refused.
+    """
     log = log or dist.print0
+    if disc_path in DISCRETISATIONS and not os.path.exists(disc_path):
+        raise ValueError(f'--disc={disc_path}: in edm-dg --disc is the discriminator file; the release\'s --disc (time '
+                         f'discretisation) is not an option here (EDM\'s steps are used): drop it')
     if disc_path is not None and classifier_path is None:
-        raise ValueError(f'{disc_path}: a discriminator needs its feature extractor; pass --classifier (e.g. 32x32_classifier.pt)')
-    if disc_path is None and classifier_path is not None:
-        raise ValueError(f'{classifier_path}: --classifier given without --disc; pass the discriminator head as --disc')
+        raise ValueError(f'{disc_path}: a discriminator needs its feature extractor; pass --classifier (e.g. 32x32_classifier.pt; '
+                         f'the DG release reads checkpoints/ADM_classifier/32x32_classifier.pt, the study '
+                         f'guided_diffusion/model/32x32_classifier.pt)')
+    if disc_path is None:
+        given = [name for name, value in (('--classifier', classifier_path), ('--lora_checkpoint', lora_checkpoint)) if value]
+        if given:
+            raise ValueError(f'{given[0]} given without --disc; pass the discriminator head as --disc (the release\'s '
+                             f'checkpoints/discriminator/cifar_uncond/discriminator_60.pt, or --discriminator_checkpoint as the study names it)')
     if dist.get_rank() != 0:
         dist.barrier()
     try:
@@ -26,12 +43,17 @@ def load_models(network_pkl, device, *, disc_path=None, classifier_path=None, tr
         disc = None
         if disc_path is not None:
             log(f'Loading discriminator from "{disc_path}" with classifier "{classifier_path}"...')
-            disc = load_discriminator(disc_path, classifier_path, device=device, time_schedule=disc_time, lora_alpha=lora_alpha)
+            disc = load_discriminator(disc_path, classifier_path, device=device, time_schedule=disc_time, lora_alpha=lora_alpha,
+                                      lora_checkpoint=lora_checkpoint, lora_rank=lora_rank)
             log(time_convention_line(disc))
     finally:
         if dist.get_rank() == 0:
             dist.barrier()
     check_pair(net, disc, network_pkl, disc_path, classifier_path)
+    if disc is not None and disc_cond is not None and bool(disc_cond) != disc.cond:
+        kind = 'class-conditional' if disc.cond else 'unconditional'
+        raise ValueError(f'{disc_path}: the head is {kind} but --cond/--conditional={int(bool(disc_cond))}; '
+                         f'pass --cond={int(disc.cond)} or drop it (edm-dg reads the kind from the file)')
     return net, disc
 
 def time_convention_line(disc):
@@ -55,9 +77,10 @@ def check_pair(net, disc, network_pkl='--network', disc_path='--disc', classifie
         return
     if disc.cond and not net.label_dim:
         raise ValueError(f'{disc_path}: class-conditional discriminator but {network_pkl} is unconditional; use an unconditional discriminator')
-    if disc.cond and disc.head.label_emb.num_embeddings != net.label_dim:
-        raise ValueError(f'{disc_path}: head has {disc.head.label_emb.num_embeddings} classes but {network_pkl} has {net.label_dim}; '
-                         f'pass the discriminator trained for this network')
+    rows = disc.head.label_emb.num_embeddings if disc.cond else 0
+    if disc.cond and rows < net.label_dim:  # The release's heads have 1000 rows, also for 10 classes: class c uses row c.
+        raise ValueError(f'{disc_path}: head embeds {rows} classes but {network_pkl} has {net.label_dim}; '
+                         f'pass a conditional discriminator with at least {net.label_dim} label rows')
     c = disc.classifier
     if c.image_size != net.img_resolution or c.in_channels != net.img_channels:
         raise ValueError(f'{classifier_path}: classifier takes {c.in_channels}x{c.image_size}x{c.image_size} images but '

@@ -19,8 +19,9 @@ import math
 
 import torch
 
-from .guidance import dg_correction, guided, window_on_host
-from .sampler import step_schedule
+from .sampling.denoisers import Step, denoise, guided
+from .sampling.schedule import edm_schedule
+from .sampling.score import dg_correction, window_on_host
 
 #----------------------------------------------------------------------------
 # The drift: the PF-ODE direction of the (guided) denoiser.
@@ -32,12 +33,19 @@ def dg_drift_term(discriminator, x, sigma, disc_labels=None, w=1.0, time_min=0.0
     corr, _ = dg_correction(discriminator, x, sigma, disc_labels, create_graph=True)
     return w * corr.to(x.dtype) / sigma
 
-def drift(net, x, sigma, class_labels=None, discriminator=None, w=0.0, disc_labels=None, time_min=0.01, time_max=1.0):
+def drift(net, x, sigma, class_labels=None, discriminator=None, w=0.0, disc_labels=None, time_min=0.01, time_max=1.0,
+          sigma_host=None):
     """The probability-flow ODE's dx/dsigma `(x - D'(x; sigma)) / sigma` of the guided denoiser
-    D' = D - w corr (DGDenoiser, the sampler's transform), differentiable in x."""
+    D' = D - w corr (DGDenoiser, the sampler's transform), differentiable in x.
+
+    sigma_host: sigma's value on the host (default: read from sigma), for the window decision.
+    """
     den = guided(net, discriminator, w, time_min=time_min, time_max=time_max, disc_labels=disc_labels)
-    hint = {'sigma_hint': torch.as_tensor(sigma).reshape(-1).cpu().tolist()} if den is not net else {}
-    return (x - den(x, sigma, class_labels, **hint).to(x.dtype)) / sigma
+    if sigma_host is None and den is not net:
+        sigma_host = torch.as_tensor(sigma).reshape(-1).cpu().tolist()
+    hosts = sigma_host if sigma_host is None or isinstance(sigma_host, (list, tuple)) else [sigma_host]
+    step = Step(None, 1, None if hosts is None else tuple(float(s) for s in hosts))
+    return (x - denoise(den, x, sigma, class_labels, step).to(x.dtype)) / sigma
 
 def hutchinson(fn, x, eps):
     """(fn(x), eps^T (d fn / d x) eps per image), both detached."""
@@ -58,23 +66,22 @@ def log_likelihood(net, x, class_labels=None, *, num_steps=128, sigma_min=0.002,
     """
     if time_min > time_max:
         raise ValueError(f'time_min={time_min} is above time_max={time_max}; pass time_min <= time_max')
-    sigma_min = max(sigma_min, net.sigma_min)
-    sigma_max = min(sigma_max, net.sigma_max)
-    sigmas = step_schedule(num_steps + 1, sigma_min, sigma_max, rho, net.round_sigma, device=x.device)[:-1].flip(0)
+    levels, host = edm_schedule(net, num_steps + 1, sigma_min, sigma_max, rho, device=x.device)
+    sigmas, host = levels[:-1].flip(0), host[:-1][::-1]  # ascending, without the final 0
     eps = (torch.randint(0, 2, x.shape, generator=generator, device=x.device).to(torch.float64) * 2 - 1)
     kw = dict(class_labels=class_labels, discriminator=discriminator, w=w, disc_labels=disc_labels,
               time_min=time_min, time_max=time_max)
-    f_and_div = lambda x, sigma: hutchinson(lambda z: drift(net, z, sigma, **kw), x, eps)
+    f_and_div = lambda x, k: hutchinson(lambda z: drift(net, z, sigmas[k], sigma_host=host[k], **kw), x, eps)
     x = x.to(torch.float64)
     div_int = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    f, div = f_and_div(x, sigmas[0])
+    f, div = f_and_div(x, 0)
     for i in range(num_steps):
         s0, s1 = sigmas[i], sigmas[i + 1]
-        f_e, div_e = f_and_div(x + (s1 - s0) * f, s1)
+        f_e, div_e = f_and_div(x + (s1 - s0) * f, i + 1)
         x = x + (s1 - s0) * 0.5 * (f + f_e)
         div_int += (s1 - s0) * 0.5 * (div + div_e)
         if i < num_steps - 1:  # The drift at the corrected point starts the next step.
-            f, div = f_and_div(x, s1)
+            f, div = f_and_div(x, i + 1)
     dims = x[0].numel()
     prior = -0.5 * (x ** 2).flatten(1).sum(1) / sigmas[-1] ** 2 - dims * (torch.log(sigmas[-1]) + 0.5 * math.log(2 * math.pi))
     return prior + div_int

@@ -38,6 +38,10 @@ def _stack(*opts):
         return fn
     return decorate
 
+# The peers' option names (the DG release's and the reproduction study's generate.py / train.py) are aliases
+# beside ours; docs/compat.md §9 has the table. Where a peer name means something else in edm-dg (the
+# release's --disc is its time discretisation), edm-dg keeps its own meaning and the help says so.
+
 sampler_options = _stack(
     click.option('--sampler', help='Sampler: heun (EDM, the release), euler, dpmpp2m (DPM-Solver++(2M), Karras steps), restart (Xu et al. 2023)  [default: heun]', type=click.Choice(SAMPLER_NAMES), default=None),
     click.option('--steps', 'num_steps', help='Number of sampling steps  [default: 18]', metavar='INT', type=click.IntRange(min=2), default=None),
@@ -52,21 +56,36 @@ sampler_options = _stack(
     click.option('--solver', help='EDM\'s ablation name for --sampler=euler|heun', type=click.Choice(['euler', 'heun']), default=None, hidden=True),
 )
 
+# The discriminator's files and what they are; load_models takes these keys (pop_disc_options).
+DISC = click.option('--disc', '--discriminator_ckpt', '--discriminator_checkpoint', 'disc_path', help='Discriminator: the release\'s or the study\'s head, or an edm-dg checkpoint (the release\'s --disc, its time discretisation, is not an edm-dg option: EDM\'s steps are used)  [default: none, plain EDM]', metavar='PATH', type=str, default=None)
+CLASSIFIER = click.option('--classifier', '--pretrained_classifier_ckpt', 'classifier_path', help='ADM classifier (feature extractor) of the discriminator, e.g. the release\'s 32x32_classifier.pt', metavar='PATH', type=str, default=None)
+LORA_CHECKPOINT = click.option('--lora_checkpoint', help='The study\'s adapter-only LoRA file (lora_adm_*.pt), merged into --classifier; its rank is read from the file', metavar='PATH', type=str, default=None)
+LORA_RANK = click.option('--lora_rank', help='LoRA rank. With --lora_checkpoint or a LoRA checkpoint: checked against the file; train_disc.py without one: rank of new adapters. 0 or -1 (the study\'s "none"): no LoRA  [default: as the files say; train_disc.py 0]', metavar='INT', type=click.IntRange(min=-1), default=None)
+LORA_ALPHA = click.option('--lora_alpha', help='LoRA scale alpha (update scaled by alpha/rank)  [default: as recorded, else 1 as the study trained]', metavar='FLOAT', type=float, default=None)
+DISC_TIME = click.option('--disc_time', '--time_schedule', 'disc_time', help='Time the classifier is fed: linear VP time, or cosine time (64x64 ADM classifiers). Heads trained the release\'s way at 64x64 saw linear time in training: pass linear to sample as they were trained  [default: as recorded in an edm-dg checkpoint; else the classifier\'s own, as the release\'s sampler: cosine at 64x64, else linear]', type=click.Choice(['linear', 'cosine']), default=None)
+COND = click.option('--cond', '--conditional', 'cond', help='Class-conditional discriminator (0/1; plain --cond means 1). train_disc.py: train one (needs labels). Sampling: checked against the head, which says it itself  [default: train_disc.py 0; sampling: the file\'s]', metavar='0|1', type=click.IntRange(0, 1), is_flag=False, flag_value=1, default=None)
+TRUST_PICKLE = click.option('--trust_pickle', help='Load --network with EDM\'s own unpickling (executes code in the file)', is_flag=True)
+DEVICE = click.option('--device', help='Device  [default: cuda if available]', metavar='STR', type=str, default=None)
+
+disc_options = _stack(DISC, CLASSIFIER, LORA_CHECKPOINT, LORA_RANK, LORA_ALPHA, DISC_TIME, COND)
+
+DG_WEIGHT_1 = click.option('--dg_weight_1st_order', '--w', '--w_dg_1', 'dg_weight_1st_order', help='DG weight w1 at the first-order evaluation  [default: 2 unconditional, 1 conditional net]', metavar='FLOAT', type=float, default=None)
+TIME_MIN = click.option('--time_min', '--time_mid', 'time_min', help='DG off below this VP time (the study\'s --time_mid)  [default: 0.01]', metavar='FLOAT', type=UNIT, default=None)
+TIME_MAX = click.option('--time_max', help='DG off above this VP time  [default: 1]', metavar='FLOAT', type=UNIT, default=None)
+
 dg_options = _stack(
     click.option('--preset', help='Published DG settings in one word; explicit options override them', type=click.Choice(sorted(PRESETS)), default=None),
-    click.option('--disc', '--discriminator_ckpt', 'disc_path', help='Discriminator: the release\'s head or an edm-dg checkpoint  [default: none, plain EDM]', metavar='PATH', type=str, default=None),
-    click.option('--classifier', '--pretrained_classifier_ckpt', 'classifier_path', help='ADM classifier (feature extractor) of the discriminator', metavar='PATH', type=str, default=None),
-    click.option('--dg_weight_1st_order', '--w', 'dg_weight_1st_order', help='DG weight w1 at the first-order evaluation  [default: 2 unconditional, 1 conditional net]', metavar='FLOAT', type=float, default=None),
-    click.option('--dg_weight_2nd_order', help='DG weight w2 at the Heun evaluation (heun only)  [default: 0]', metavar='FLOAT', type=float, default=None),
-    click.option('--time_min', help='DG off below this VP time  [default: 0.01]', metavar='FLOAT', type=UNIT, default=None),
-    click.option('--time_max', help='DG off above this VP time  [default: 1]', metavar='FLOAT', type=UNIT, default=None),
+    disc_options,
+    DG_WEIGHT_1,
+    click.option('--dg_weight_2nd_order', '--w_dg_2', 'dg_weight_2nd_order', help='DG weight w2 at the Heun evaluation (heun only; the study\'s --w_dg_2 judged the first evaluation\'s point, edm-dg the second\'s)  [default: 0]', metavar='FLOAT', type=float, default=None),
+    TIME_MIN,
+    TIME_MAX,
     click.option('--boosting', help='Boost churn and guidance of samples judged fake (heun, euler)  [default: 0]', type=click.IntRange(0, 1), default=None),
-    click.option('--boost_S_churn', 'boost_S_churn', help='Churn of boosted samples  [default: 4]', metavar='FLOAT', type=NONNEG, default=None),
+    click.option('--adaptive_weight', help='The study\'s boosting: --boosting=1 with churn and weight boosted every 2nd step (--boost_period=2 --boost_weight_period=2); explicit boost options override  [default: 0]', type=click.IntRange(0, 1), default=None),
+    click.option('--boost_S_churn', '--S_churn_manual', 'boost_S_churn', help='Churn of boosted samples (the study\'s --S_churn_manual)  [default: 4]', metavar='FLOAT', type=NONNEG, default=None),
     click.option('--boost_S_noise', 'boost_S_noise', help='Noise inflation of boosted samples  [default: 1]', metavar='FLOAT', type=POS, default=None),
-    click.option('--boost_period', help='Boost churn every N-th step (release: 5; paper: 2)  [default: 5]', metavar='INT', type=click.IntRange(min=1), default=None),
+    click.option('--boost_period', help='Boost churn every N-th step (release: 5; paper and study: 2)  [default: 5]', metavar='INT', type=click.IntRange(min=1), default=None),
     click.option('--boost_weight_period', help='Double the correction every N-th step  [default: 2]', metavar='INT', type=click.IntRange(min=1), default=None),
-    click.option('--lora_alpha', help='LoRA scale alpha of a study-format classifier  [default: as recorded, else 1 as the study trained]', metavar='FLOAT', type=float, default=None),
-    click.option('--disc_time', help='Time the classifier is fed: linear VP time, or cosine time (64x64 ADM classifiers). Heads trained the release\'s way at 64x64 saw linear time in training: pass linear to sample as they were trained  [default: as recorded in an edm-dg checkpoint; for the release\'s heads, what its sampler does: cosine at 64x64, else linear]', type=click.Choice(['linear', 'cosine']), default=None),
 )
 
 selection_options = _stack(
@@ -76,17 +95,96 @@ selection_options = _stack(
 )
 
 runtime_options = _stack(
-    click.option('--device', help='Device  [default: cuda if available]', metavar='STR', type=str, default=None),
+    DEVICE,
     click.option('--precision', help='Score-network precision', type=click.Choice(PRECISIONS), default='fp32', show_default=True),
     click.option('--disc_precision', help='Discriminator precision  [default: --precision]', type=click.Choice(PRECISIONS), default=None),
     click.option('--channels_last', help='channels_last memory format for both networks', is_flag=True),
     click.option('--compile', 'compile_nets', help='torch.compile both networks (falls back to eager)', is_flag=True),
-    click.option('--trust_pickle', help='Load --network with EDM\'s own unpickling (executes code in the file)', is_flag=True),
+    TRUST_PICKLE,
 )
 
+def batch_option(dest='batch', default=64):
+    """--batch: images per process in every command (train_disc.py's global batch is --batch times the processes)."""
+    return click.option('--batch', '--batch_size', dest, help='Batch size per process (the peers\' --batch_size)', metavar='INT',
+                        type=click.IntRange(min=1), default=default, show_default=True)
+
+RESUME = click.option('--resume/--no-resume', help='Continue an interrupted run in the output folder (images or epochs already there are kept); --no-resume starts over', default=True, show_default=True)
+
+# generate_dg.py's peer options for the number of images and the output format.
+output_peer_options = _stack(
+    click.option('--num_samples', help='The peers\' image count: seeds 0..N-1 (replaces --seeds). The peers draw unseeded noise from one global generator; edm-dg gives every seed its own, so the images differ from theirs but depend only on their seed', metavar='INT', type=click.IntRange(min=1), default=None),
+    click.option('--save_format', help='The study\'s format: npz also writes .npz shards with its keys (images, one-hot labels) beside the PNGs', type=click.Choice(['png', 'npz']), default=None),
+    click.option('--save_type', help='The release\'s format: npz also writes .npz shards with its keys (samples, label) beside the PNGs (as --npz)', type=click.Choice(['png', 'npz']), default=None),
+)
+
+# train_disc.py's options, with the release's and the study's train.py names beside them.
+train_options = _stack(
+    click.option('--real', '--datadir', 'real', help='Real images: EDM dataset zip/folder, image folder, or .npz (the release\'s true_data.npz, the study\'s images/labels files)', metavar='PATH', default=None),
+    click.option('--fake', '--gendir', '--sample_dir', 'fake', help='Generated images: generate_dg.py folder, .npz file, or folder of .npz shards (edm-dg\'s, the release\'s samples_*.npz, the study\'s samples.npz)', metavar='PATH', default=None),
+    CLASSIFIER,
+    LORA_CHECKPOINT,
+    click.option('--outdir', '--savedir', '--save_dir', 'outdir', help='Run folder (checkpoints, metrics.jsonl, training-curves.png, log-ratio-histogram.png)', metavar='DIR', default=None),
+    click.option('--epochs', '--epoch', '--n_epochs', 'epochs', help='Number of epochs (release: 60 uncond, 250 cond)', type=click.IntRange(min=1), default=60, show_default=True),
+    batch_option('batch', 128),
+    click.option('--lr', help='Adam learning rate', type=click.FloatRange(min=0, min_open=True), default=3e-4, show_default=True),
+    click.option('--weight_decay', '--wd', 'weight_decay', help='Adam weight decay', type=click.FloatRange(min=0), default=1e-7, show_default=True),
+    COND,
+    click.option('--num_images', '--num', '--num_data', '--num_gen_samples', 'num', help='Images of each kind, equal counts (the study\'s --num_gen_samples counts fakes and takes all reals)  [default: all]; under torchrun write --num_images (torchrun takes --num for its --numa-binding)', type=click.IntRange(min=1), default=None),
+    LORA_RANK,
+    click.option('--lora_alpha', help='LoRA alpha (update scaled by alpha/rank)', type=float, default=1.0, show_default=True),
+    click.option('--head_width', help='Head channels', type=click.IntRange(min=64), default=128, show_default=True),
+    click.option('--head_depth', help='Head residual blocks', type=click.IntRange(min=1), default=2, show_default=True),
+    DISC_TIME,
+    click.option('--eval_images', help='Images of each kind evaluated at every tau bin after every epoch; 0 = none  [default: 256, at most 1/32 of the images of each kind, none if that is under 16]', type=click.IntRange(min=0), default=None),
+    click.option('--holdout', help='Take the --eval_images evaluation images (the last of each kind) out of training', is_flag=True),
+    click.option('--seed', help='Random seed', type=int, default=0, show_default=True),
+    click.option('--snap', help='Keep a checkpoint every N epochs', type=click.IntRange(min=1), default=1, show_default=True),
+    click.option('--export', help='Also write the peers\' files at every kept checkpoint: study (discrim_{uncond,cond}_epochE.pt + lora_adm_epochE.pt, and *_final.pt at the end), release (head state dicts discriminator_E.pt)', type=click.Choice(['study', 'release']), default=None),
+    click.option('--img_resolution', help='The release\'s image size option: checked against the images', type=click.IntRange(min=1), default=None, hidden=True),
+    click.option('--precision', help='Autocast precision', type=click.Choice(PRECISIONS), default='fp32', show_default=True),
+    click.option('--channels_last', help='channels_last memory format', is_flag=True),
+    RESUME,
+    DEVICE,
+)
+
+# The files the peers' train.py reads from hard-coded defaults; edm-dg guesses no file and names them instead.
+PEER_TRAIN_FILES = {
+    'real': '--real is required: real images (the release\'s train.py reads --datadir, default data/true_data.npz; the study\'s loads CIFAR-10 through keras: pass EDM\'s datasets/cifar10-32x32.zip)',
+    'fake': '--fake is required: generated images (the release\'s --gendir, default samples/cifar_uncond_vanilla; the study\'s --sample_dir, default training_data/conditional_edm_samples/edm_cond_samples.npz)',
+    'classifier_path': '--classifier is required: the ADM classifier (the release reads checkpoints/ADM_classifier/32x32_classifier.pt, the study guided_diffusion/model/32x32_classifier.pt)',
+    'outdir': '--outdir is required: the run folder (the release\'s --savedir, default checkpoints/discriminator/cifar_uncond; the study\'s --save_dir, default models/cond_disc/)',
+}
+
+def check_train_files(kwargs):
+    """The one-line error for the first file option train_disc.py lacks."""
+    for key, message in PEER_TRAIN_FILES.items():
+        if kwargs.get(key) is None:
+            raise ValueError(message)
+
+DISC_KEYS = ('disc_path', 'classifier_path', 'lora_checkpoint', 'lora_rank', 'lora_alpha', 'disc_time', 'cond')
+
+def pop_disc_options(kwargs):
+    """Remove the discriminator file options from kwargs; returns load_models' keyword arguments."""
+    opts = {k: kwargs.pop(k, None) for k in DISC_KEYS}
+    if opts['lora_rank'] == -1:  # The study's "no LoRA".
+        opts['lora_rank'] = None if opts['lora_checkpoint'] is None else 0
+    opts['disc_cond'] = opts.pop('cond')
+    return opts
+
+def seeds_from_peer_options(seeds, num_samples, seeds_given):
+    """--seeds, or seeds 0..N-1 for the peers' --num_samples=N; both at once is an error."""
+    if num_samples is None:
+        return seeds
+    if seeds_given:
+        raise ValueError(f'--num_samples={num_samples} and --seeds={seeds} both choose the seeds; pass one of them')
+    return f'0-{num_samples - 1}'
+
 SAMPLER_KEYS = ('sampler', 'num_steps', 'sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_min', 'S_max', 'S_noise', 'restart', 'solver')
-DG_KEYS = ('preset', 'dg_weight_1st_order', 'dg_weight_2nd_order', 'time_min', 'time_max', 'boosting', 'boost_S_churn',
-           'boost_S_noise', 'boost_period', 'boost_weight_period')
+DG_KEYS = ('preset', 'dg_weight_1st_order', 'dg_weight_2nd_order', 'time_min', 'time_max', 'boosting', 'adaptive_weight',
+           'boost_S_churn', 'boost_S_noise', 'boost_period', 'boost_weight_period')
+
+# The study's --adaptive_weight=1 (its generate.py): boosting with churn and weight boosted every second step.
+ADAPTIVE_WEIGHT = dict(boosting=1, boost_period=2, boost_weight_period=2)
 
 SELECTION_KEYS = ('particles', 'resample_steps', 'best_of')
 
@@ -113,7 +211,7 @@ def parse_steps(text, option='--resample_steps'):
     return sorted(steps)
 
 def selection_settings(opts, num_steps=None, guided=False):
-    """dict(chains, resample_steps, best) for edm_dg.selection, or None for plain sampling.
+    """dict(chains, resample_steps, best) for edm_dg.sampling.selection, or None for plain sampling.
 
     num_steps (None: not checked yet) bounds the step indices; guided says
     whether a discriminator is loaded. Raises ValueError naming the option at fault.
@@ -144,13 +242,17 @@ def pop_sampler_options(kwargs):
     return {k: kwargs.pop(k) for k in SAMPLER_KEYS + DG_KEYS if k in kwargs}
 
 def sampler_settings(opts, label_dim, guided):
-    """Resolved sampler settings (explicit > preset > default) for `edm_dg.samplers.sample`.
+    """Resolved sampler settings (explicit > preset > default) for `edm_dg.sampling.sample`.
 
     label_dim picks the default w1 (2 unconditional, 1 conditional); guided says
     whether a discriminator is loaded. Raises ValueError naming the option at fault.
     """
     opts = dict(opts)
-    preset = PRESETS[opts.pop('preset')] if opts.get('preset') else {}
+    named = opts.pop('preset', None)
+    preset = dict(PRESETS[named]) if named else {}
+    adaptive = opts.pop('adaptive_weight', None)
+    if adaptive:
+        preset.update(ADAPTIVE_WEIGHT)
     solver = opts.pop('solver', None)
     if solver is not None:
         if opts.get('sampler') not in (None, solver):
@@ -168,7 +270,8 @@ def sampler_settings(opts, label_dim, guided):
     if out.get('dg_weight_1st_order') is None:
         out['dg_weight_1st_order'] = (1.0 if label_dim else 2.0) if guided else 0.0
     if preset and not guided:
-        raise ValueError('--preset sets guidance: pass --disc and --classifier too, or drop --preset')
+        given = f'--preset={named}' if named else '--adaptive_weight=1'
+        raise ValueError(f'{given} sets guidance: pass --disc and --classifier too, or drop it')
     if not guided and (opts.get('dg_weight_1st_order') or opts.get('dg_weight_2nd_order') or opts.get('boosting')):
         raise ValueError('DG options given without --disc; pass --disc and --classifier, or drop the DG options')
     if not guided:

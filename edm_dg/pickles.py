@@ -1,14 +1,14 @@
-"""Reading EDM network pickles, with or without running the code inside them.
+"""Reading EDM and EDM2 network pickles, with or without running the code inside them.
 
-NVlabs' EDM pickles (format version 6 of `torch_utils.persistence`) rebuild
-each network by executing the module source stored in the file; see
-docs/compat.md §1. `trusted_load` does exactly that. `safe_load` reads the same
-bytes with an unpickler that knows a short list of globals (tensor rebuilders,
-containers, `dnnlib.util.EasyDict`): every persistent object becomes a record
-of its class name and state, and records of known EDM classes are then built
-from this project's `training` package from their recorded constructor
-arguments, with their tensors loaded strictly. Anything else is refused with a
-message that names it and the `--trust_pickle` flag.
+NVlabs' EDM and EDM2 pickles (format version 6 of `torch_utils.persistence`)
+rebuild each network by executing the module source stored in the file; see
+docs/compat.md §1 and "EDM2 networks and pickles". `trusted_load` does exactly
+that. `safe_load` reads the same bytes with an unpickler that knows a short list
+of globals (tensor rebuilders, containers, `dnnlib.util.EasyDict`): every
+persistent object becomes a record of its class name and state, and records of
+known EDM/EDM2 classes are then built from this project's `training` package
+from their recorded constructor arguments, with their tensors loaded strictly.
+Anything else is refused with a message that names it and the `--trust_pickle` flag.
 """
 
 import codecs
@@ -19,14 +19,20 @@ import pickle
 import torch
 import numpy as np
 
+from training import encoders
 from training import loss as loss_module
 from training import networks
+from training import networks_edm2
 import dnnlib
 
 NETWORK_CLASSES = ('EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'SongUNet', 'DhariwalUNet',
                    'Linear', 'Conv2d', 'GroupNorm', 'UNetBlock', 'PositionalEmbedding', 'FourierEmbedding')
 LOSS_CLASSES = ('EDMLoss', 'VPLoss', 'VELoss')
-INERT_CLASSES = ('AugmentPipe',)   # Training-only; returned as a description, never run.
+EDM2_NETWORK_CLASSES = ('Precond', 'UNet', 'Block', 'MPConv', 'MPFourier')
+ENCODER_CLASSES = ('StandardRGBEncoder', 'StabilityVAEEncoder')  # EDM2 pickles' 'encoder' entry.
+KNOWN_VAES = ('stabilityai/sd-vae-ft-mse',)
+INERT_CLASSES = ('AugmentPipe', 'EDM2Loss')   # Training-only; returned as a description, never run.
+_KNOWN_CLASSES = NETWORK_CLASSES + EDM2_NETWORK_CLASSES + ENCODER_CLASSES + LOSS_CLASSES + INERT_CLASSES
 
 class UnsafePickleError(pickle.UnpicklingError):
     """The pickle asks for something the safe loader will not build."""
@@ -58,8 +64,8 @@ def _persistent_record(meta):
         kind, version = (meta.get('type'), meta.get('version')) if isinstance(meta, dict) else (None, None)
         raise UnsafePickleError(f'unsupported persistent object format (type={kind!r}, version={version!r})')
     name = meta.get('class_name')
-    if name not in NETWORK_CLASSES + LOSS_CLASSES + INERT_CLASSES:
-        raise UnsafePickleError(f'class "{name}" is not a known EDM class')
+    if name not in _KNOWN_CLASSES:
+        raise UnsafePickleError(f'class "{name}" is not a known EDM class (nor EDM2)')
     return _Record(name, meta.get('state'))
 
 def _old_protocol_reconstructor(cls, base, state):
@@ -125,8 +131,16 @@ def _tensors_of(state, prefix='', out=None):
             _tensors_of(child.state if isinstance(child, _Record) else vars(child), f'{prefix}{name}.', out)
     return out
 
+def _take_stored_dtypes(net, tensors):
+    """Floating parameters and buffers take the dtype stored in the pickle (EDM2 snapshots hold
+    float16 weights, and its layers compute with them as stored), so both loaders give the same numbers."""
+    for name, tensor in list(net.named_parameters()) + list(net.named_buffers()):
+        stored = tensors.get(name)
+        if isinstance(stored, torch.Tensor) and stored.is_floating_point() and tensor.is_floating_point():
+            tensor.data = tensor.data.to(stored.dtype)
+
 def _build(record):
-    """A network or loss of this project's `training` code from a record (strict weights)."""
+    """A network, encoder or loss of this project's `training` code from a record (strict weights)."""
     state = record.state
     if '_init_kwargs' not in state:
         raise UnsafePickleError(f'persistent {record.class_name} has no recorded constructor arguments')
@@ -137,8 +151,17 @@ def _build(record):
                                note='not rebuilt by the safe loader')
     if record.class_name in LOSS_CLASSES:
         return getattr(loss_module, record.class_name)(*args, **kwargs)
-    net = getattr(networks, record.class_name)(*args, **kwargs)
-    net.load_state_dict(_tensors_of(state), strict=True)
+    if record.class_name in ENCODER_CLASSES:
+        encoder = getattr(encoders, record.class_name)(*args, **kwargs)
+        # The VAE is fetched by name when first run: only the one EDM2 publishes, unless the file is trusted.
+        if getattr(encoder, 'vae_name', KNOWN_VAES[0]) not in KNOWN_VAES:
+            raise UnsafePickleError(f'{record.class_name} names the VAE {encoder.vae_name!r}, not one of {list(KNOWN_VAES)}')
+        return encoder
+    module = networks_edm2 if record.class_name in EDM2_NETWORK_CLASSES else networks
+    net = getattr(module, record.class_name)(*args, **kwargs)
+    tensors = _tensors_of(state)
+    _take_stored_dtypes(net, tensors)
+    net.load_state_dict(tensors, strict=True)
     return net.train(bool(state.get('training', False)))
 
 def _build_all(obj):
@@ -165,8 +188,39 @@ def trusted_load(f):
 
 _NETWORK_ATTRS = ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max', 'round_sigma')
 
-def load_network_pickle(url_or_path, trust_pickle=False, key='ema', verbose=False):
-    """The sampling network of an EDM pickle (path or URL); ValueError saying what to pass on bad input."""
+def is_edm2_network(net):
+    """Whether net is EDM2's `Precond` (this project's class or one a trusted pickle built)."""
+    return type(net).__name__ == 'Precond' and all(hasattr(net, a) for a in ('unet', 'logvar_linear', 'sigma_data'))
+
+class EDM2Network(torch.nn.Module):
+    """An EDM2 network with the EDM interface the samplers use (docs/compat.md §1, "EDM2 networks and pickles").
+
+    EDM2 networks take any noise level and EDM2's sampler rounds none, so
+    sigma_min = 0, sigma_max = inf and `round_sigma` is the identity: EDM's
+    schedule then has exactly the requested bounds. Calls pass through, so the
+    output is EDM2's float32 `D`.
+    """
+
+    sigma_min, sigma_max = 0.0, float('inf')
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    img_resolution = property(lambda self: self.net.img_resolution)
+    img_channels = property(lambda self: self.net.img_channels)
+    label_dim = property(lambda self: self.net.label_dim)
+    use_fp16 = property(lambda self: self.net.use_fp16)
+    sigma_data = property(lambda self: self.net.sigma_data)
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def forward(self, x, sigma, class_labels=None, **kwargs):
+        return self.net(x, sigma, class_labels, **kwargs)
+
+def read_pickle(url_or_path, trust_pickle=False, verbose=False):
+    """Everything an EDM/EDM2 pickle (path or URL) holds, e.g. 'ema' and EDM2's 'encoder'; ValueError on bad input."""
     load = trusted_load if trust_pickle else safe_load
     try:
         with dnnlib.util.open_url(url_or_path, verbose=verbose) as f:
@@ -180,9 +234,20 @@ def load_network_pickle(url_or_path, trust_pickle=False, key='ema', verbose=Fals
             KeyError, RuntimeError) as e:
         raise ValueError(f'{url_or_path}: not a readable EDM network pickle ({type(e).__name__}: {" ".join(str(e).split())[:120]}); '
                          f'pass a .pkl written by EDM training or edm-dg') from None
+    return data
+
+def load_network_pickle(url_or_path, trust_pickle=False, key='ema', verbose=False):
+    """The sampling network of an EDM pickle (path or URL); ValueError saying what to pass on bad input."""
+    data = read_pickle(url_or_path, trust_pickle=trust_pickle, verbose=verbose)
     if not isinstance(data, dict) or key not in data:
         raise ValueError(f'{url_or_path}: pickle has no "{key}" network; pass an EDM network snapshot (network-snapshot-*.pkl)')
     net = data[key]
+    if is_edm2_network(net):
+        encoder = data.get('encoder')
+        if encoder is not None and type(encoder).__name__ != 'StandardRGBEncoder':
+            raise ValueError(f'{url_or_path}: a latent EDM2 model ({type(encoder).__name__}); decoding its latents '
+                             f'with Stability\'s VAE is not supported yet: pass a pixel model (edm2-img64-*)')
+        net = EDM2Network(net)
     missing = [attr for attr in _NETWORK_ATTRS if not hasattr(net, attr)]
     if missing:
         raise ValueError(f'{url_or_path}: "{key}" is not an EDM preconditioned network (no {missing[0]}); '

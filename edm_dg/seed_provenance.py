@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .image_sets import IMAGE_KEYS, list_folder, zip_image_names
-from .io import image_relpath
+from .fileio import image_relpath
 
 FIELD = 'fake_seeds'
 

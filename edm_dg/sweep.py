@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 
 from torch_utils import distributed as dist
-from . import io as dgio
+from . import fileio
 from . import metrics
 from .disc_checkpoint import load_discriminator
 from .generate import generate
@@ -29,7 +29,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 def write_csv(path, rows, fields):
-    with dgio.atomic_open(path, 'w') as f:
+    with fileio.atomic_open(path, 'w') as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
@@ -67,7 +67,7 @@ def plot(path, xs, ys, xlabel, best_x=None, title=None):
         ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    dgio.save_figure(fig, path)
+    fileio.save_figure(fig, path)
 
 def checkpoint_epochs(run_dir, every=1):
     """[(epoch, path)] of disc-EEEE.pt files, every k-th plus the last."""

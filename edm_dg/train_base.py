@@ -17,7 +17,7 @@ import tqdm
 import dnnlib
 from training import networks
 from training.loss import EDMLoss
-from .io import atomic_open
+from .fileio import atomic_open
 
 def save_snapshot(path, ema, loss_fn, dataset_kwargs):
     """Write an EDM network pickle atomically (no half-written file on interruption)."""

@@ -17,10 +17,9 @@ import tqdm
 from torch.nn import functional as F
 
 from torch_utils import distributed as dist
-from . import image_sets, io as dgio
+from . import fileio, image_sets, vp
 from .adm import EncoderUNet
 from .cli import command_body
-from .disc_training import _generator, noisy_batch
 
 def train_classifier(data, outdir, *, epochs=20, batch=128, lr=3e-4, weight_decay=0.05, width=128, depth=2,
                      attention='32,16,8', seed=0, resume=False, device='cpu', progress=True, log=print):
@@ -52,13 +51,13 @@ def train_classifier(data, outdir, *, epochs=20, batch=128, lr=3e-4, weight_deca
     out_path = os.path.join(outdir, 'classifier.pt')
     for epoch in range(start, epochs):
         net.train()
-        perm = torch.randperm(n, generator=_generator('cpu', seed, epoch)).to(device)
-        gen = _generator(device, seed, epoch, 7)
+        perm = torch.randperm(n, generator=vp.seeded_generator('cpu', seed, epoch)).to(device)
+        gen = vp.seeded_generator(device, seed, epoch, 7)
         t0, tot, correct = time.time(), 0.0, 0
         bar = tqdm.tqdm(range(steps), desc=f'classifier {epoch + 1}/{epochs}', disable=not progress, leave=False, dynamic_ncols=True)
         for step in bar:
             idx = perm[step * batch:(step + 1) * batch]
-            x, tau = noisy_batch(images[idx], gen)
+            x, tau = vp.noisy_batch(images[idx], gen)
             logits = net(x, tau)
             loss = F.cross_entropy(logits, labels[idx])
             opt.zero_grad(set_to_none=True)
@@ -70,8 +69,8 @@ def train_classifier(data, outdir, *, epochs=20, batch=128, lr=3e-4, weight_deca
         bar.close()
         log(f'classifier epoch {epoch + 1}/{epochs}: loss {tot / (steps * batch):.4f}, '
             f'acc {correct / (steps * batch):.3f}, {time.time() - t0:.1f}s')
-        dgio.atomic_torch_save({k: v.cpu() for k, v in net.state_dict().items()}, out_path)
-        dgio.atomic_torch_save(dict(net=net.state_dict(), optimizer=opt.state_dict(), epoch=epoch + 1), state_path)
+        fileio.atomic_torch_save({k: v.cpu() for k, v in net.state_dict().items()}, out_path)
+        fileio.atomic_torch_save(dict(net=net.state_dict(), optimizer=opt.state_dict(), epoch=epoch + 1), state_path)
     return out_path
 
 @click.command(help=__doc__)

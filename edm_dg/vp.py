@@ -6,6 +6,7 @@ The ADM classifier of the DG release was trained on the linear VP SDE
 
 import math
 
+import numpy as np
 import torch
 
 BETA_0 = 0.1
@@ -64,3 +65,21 @@ def perturb(x, tau, eps):
     m = mean(tau).reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
     s = std(tau).reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
     return m * x + s * eps
+
+def to_float(images_u8):
+    """uint8 [N,C,H,W] -> float32 in [-1, 1] (generate_dg.py's inverse up to rounding)."""
+    return images_u8.to(torch.float32) / 127.5 - 1
+
+def noisy_batch(images_u8, gen):
+    """(x_tau, tau) for uint8 images: importance-sampled VP time, x_tau = mean x + std eps (training's inputs)."""
+    x = to_float(images_u8)
+    u = torch.rand(x.shape[0], generator=gen, device=x.device)
+    tau = importance_time(u).to(torch.float32)
+    eps = torch.randn(x.shape, generator=gen, device=x.device)
+    return perturb(x, tau, eps), tau
+
+def seeded_generator(device, *keys):
+    """A torch generator on `device` seeded from the integer keys (e.g. seed, epoch, rank) via numpy's SeedSequence."""
+    g = torch.Generator(device)
+    g.manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+    return g

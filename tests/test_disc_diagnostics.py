@@ -10,8 +10,8 @@ from PIL import Image
 from helpers import sharp_and_blurred, tiny_classifier, write_set
 import train_disc
 from edm_dg.disc_checkpoint import load_discriminator
-from edm_dg.disc_training import (chance_warning, evaluate_by_time, load_pair, read_metrics, split_eval, time_grid,
-                                  train)
+from edm_dg.disc_diagnostics import chance_warning, evaluate_by_time, read_metrics, split_eval, time_grid
+from edm_dg.disc_training import load_pair, train
 
 EVAL = 64        # held-out images of each kind
 TRAIN = 256      # training images of each kind

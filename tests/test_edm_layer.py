@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 
+from helpers import assert_close_to_fixture, float32_layers
 from training import loss, networks
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
@@ -38,12 +39,10 @@ def build_tiny(name):
     net.load_state_dict(entry['state_dict'], strict=True)
     return net.eval(), entry
 
-def assert_close(actual, expected, tol=1e-5):
-    """Max abs difference within tol, relative to the expected tensor's scale when that exceeds 1."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype
-    scale = max(1.0, float(expected.abs().max()))
-    err = float((actual - expected).abs().max())
-    assert err <= tol * scale, f'max abs difference {err:.3g} (scale {scale:.3g})'
+def assert_close(actual, expected, net):
+    """Equal to the recording up to float32 summation order through the layers of net (helpers.fixture_tol)."""
+    assert actual.dtype == expected.dtype
+    assert_close_to_fixture(actual, expected, *float32_layers(net))
 
 #----------------------------------------------------------------------------
 # Tiny networks of every family: outputs, float64 path, round_sigma, noise range.
@@ -53,11 +52,15 @@ def test_tiny_network_matches_edm(name):
     net, e = build_tiny(name)
     extra = {} if e['augment_labels'] is None else dict(augment_labels=e['augment_labels'])
     with torch.no_grad():
-        assert_close(net(e['x'], e['sigma'], e['class_labels'], **extra), e['denoised'])
+        assert_close(net(e['x'], e['sigma'], e['class_labels'], **extra), e['denoised'], net)
         # float64 inputs with force_fp32 (what EDM's sampler does); recorded without augment labels.
         assert_close(net(e['x'].double(), e['sigma'].double(), e['class_labels'], force_fp32=True),
-                     e['denoised_from_float64'])
-    assert_close(net.round_sigma(e['round_sigma_in']), e['round_sigma_out'])
+                     e['denoised_from_float64'], net)
+    rounded = net.round_sigma(e['round_sigma_in'])
+    if hasattr(net, 'u'):  # iDDPM's grid of noise levels: a float32 recursion over its 1000 steps
+        assert_close_to_fixture(rounded, e['round_sigma_out'], depth=len(net.u), fan_in=1)
+    else:  # EDM's round_sigma is the identity
+        assert torch.equal(rounded, e['round_sigma_out'])
     for key in ('sigma_min', 'sigma_max'):
         assert getattr(net, key) == pytest.approx(e[key], rel=1e-6), key
         assert isinstance(getattr(net, key), (int, float))
@@ -110,7 +113,8 @@ def test_loss_matches_edm(loss_name):
     net, _ = build_tiny(rec['network'])
     torch.manual_seed(rec['manual_seed'])
     value = getattr(loss, loss_name)()(net, rec['images'], rec['labels'])
-    assert_close(value.detach(), rec['values'][loss_name])
+    depth, fan_in = float32_layers(net)
+    assert_close_to_fixture(value.detach(), rec['values'][loss_name], depth + 2, fan_in)  # + square and weight
 
 def test_loss_backward_reaches_every_trainable_parameter():
     net, _ = build_tiny('edm_ddpmpp_cond_aug')

@@ -157,7 +157,11 @@ def test_stats_cli(tmp_path):
     assert 'one-sample t-test vs 1.96' in p.stdout and 'Welch' in p.stdout and 'paired' in p.stdout
     with open(tmp_path / 'r.json') as f:
         r = json.load(f)
-    assert r['a']['n'] == 6 and r['one_sample']['t'] < -10
+    a, b = [1.83, 1.85, 1.84, 1.86, 1.83, 1.85], [1.95, 1.97, 1.96, 1.94, 1.98, 1.96]
+    assert (r['a']['n'], r['b']['n']) == (6, 6)
+    for key, ref in (('one_sample', scipy.stats.ttest_1samp(a, 1.96)), ('welch', scipy.stats.ttest_ind(a, b, equal_var=False)),
+                     ('paired', scipy.stats.ttest_rel(a, b))):
+        assert r[key]['t'] == pytest.approx(ref.statistic, rel=1e-9) and r[key]['p'] == pytest.approx(ref.pvalue, rel=1e-6), key
     (tmp_path / 'bad.csv').write_text('fid\nabc\n')
     assert_one_line_error(py('stats.py', f'--a={tmp_path / "bad.csv"}'), 'bad.csv')
 

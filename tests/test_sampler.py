@@ -7,15 +7,25 @@ import torch
 from edm_dg import vp
 from edm_dg.discriminator import Discriminator
 from edm_dg.guidance import dg_correction
-from edm_dg.sampler import dg_sampler
-from helpers import GaussianDenoiser, edm_sampler_spec, fixture_randn
+from edm_dg.sampling import dg_sampler
+from helpers import GaussianDenoiser, assert_close_to_fixture, edm_sampler_spec, fixture_randn, fixture_tol, float32_layers
+
+def _disc_layers(ref_nets, cond):
+    return float32_layers(ref_nets['classifier'], ref_nets['head_cond' if cond else 'head_uncond'])
+
+def sampler_layers(ref_nets, steps, guided, cond=False):
+    """(depth, fan_in) of a Heun run for fixture_tol: per step two evaluations of the network and, guided,
+    the discriminator's gradient (forward and backward)."""
+    (net_depth, net_fan), (disc_depth, disc_fan) = float32_layers(ref_nets['net']), _disc_layers(ref_nets, cond)
+    return steps * (2 * net_depth + (2 * disc_depth if guided else 0)), max(net_fan, disc_fan if guided else 0)
 
 def test_correction_matches_release(ref, ref_nets):
     g = ref['dg_correction_uncond']
     disc = Discriminator(ref_nets['classifier'], ref_nets['head_uncond'])
     corr, log_ratio = dg_correction(disc, g['x'], g['sigma'])
-    assert (corr - g['discriminator_guidance']).abs().max() < 1e-5
-    assert (log_ratio - g['log_ratio']).abs().max() < 1e-5
+    depth, fan_in = _disc_layers(ref_nets, False)
+    assert_close_to_fixture(corr, g['discriminator_guidance'], 2 * depth, fan_in)  # a gradient: forward and backward
+    assert_close_to_fixture(log_ratio, g['log_ratio'], depth, fan_in)
 
 @pytest.mark.parametrize('run', ['edm_plain', 'edm_churn', 'dg_uncond_w2', 'dg_uncond_window', 'dg_cond_boost'])
 def test_sampler_matches_release(ref, ref_nets, run):
@@ -31,7 +41,11 @@ def test_sampler_matches_release(ref, ref_nets, run):
                      boost_S_churn=p['boosting_S_churn'], boost_period=p['boosting_period'],
                      boost_weight_period=p['boosting_weight_period'])
     assert img.dtype == torch.float64
-    assert (img - r['images']).abs().max() < 1e-5
+    layers = sampler_layers(ref_nets, p['steps'], guided=p['w1'] != 0, cond=p['cond'])
+    assert_close_to_fixture(img, r['images'], *layers)
+    # The bound tells the recorded settings apart: each other run lies outside it.
+    bound = fixture_tol(*layers) * r['images'].abs().max()
+    assert all((img - o['images']).abs().max() > bound for k, o in s['runs'].items() if k != run)
 
 @pytest.mark.parametrize('S_churn', [0.0, 10.0])
 def test_no_guidance_is_edm_exactly(ref, ref_nets, S_churn):

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from edm_dg import samplers as S
+from edm_dg import sampling as S
 
 S_DATA = 0.5    # data standard deviation
 S_MODEL = 1.0   # the "wrong" model's standard deviation (guided case)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from edm_dg import io as dgio
+from edm_dg import fileio
 from edm_dg import seed_provenance as sp
 from edm_dg.disc_training import train
 
@@ -21,14 +21,14 @@ def image(seed):
 def generated_folder(folder, seeds, subdirs=False, labels=False):
     """What generate_dg.py writes: {seed:06d}.png (or --subdirs layout), with dataset.json."""
     for s in seeds:
-        dgio.save_png(os.path.join(folder, dgio.image_relpath(s, subdirs)), image(s))
-    dgio.write_labels(folder, {dgio.image_relpath(s, subdirs): (s % 10 if labels else None) for s in seeds})
+        fileio.save_png(os.path.join(folder, fileio.image_relpath(s, subdirs)), image(s))
+    fileio.write_labels(folder, {fileio.image_relpath(s, subdirs): (s % 10 if labels else None) for s in seeds})
     return str(folder)
 
 def shard_folder(folder, batches):
     """edm-dg .npz shards (samples, label, seeds)."""
     for seeds in batches:
-        dgio.save_npz_shard(os.path.join(folder, dgio.shard_name(seeds)), np.stack([image(s) for s in seeds]),
+        fileio.save_npz_shard(os.path.join(folder, fileio.shard_name(seeds)), np.stack([image(s) for s in seeds]),
                             [-1] * len(seeds), seeds)
     return str(folder)
 
@@ -52,7 +52,7 @@ def test_seeds_from_dataset_json_layouts(tmp_path):
 def test_seeds_from_shards(tmp_path):
     folder = shard_folder(tmp_path / 'shards', [[10, 11, 12], [0, 1, 2]])
     assert sp.source_seeds(folder) == [0, 1, 2, 10, 11, 12]  # ImageSource order: shard files sorted by name
-    one = os.path.join(folder, dgio.shard_name([10, 11, 12]))
+    one = os.path.join(folder, fileio.shard_name([10, 11, 12]))
     assert sp.seeds_of_source(one) == [10, 11, 12]
 
 def test_unknown_seeds(tmp_path):

@@ -22,8 +22,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 import generate_dg
-from edm_dg import samplers as S
-from edm_dg import selection as sel
+from edm_dg import sampling as S
+from edm_dg.sampling import selection as sel
 from edm_dg import vp
 from edm_dg.generate import draw_inputs
 from edm_dg.guidance import dg_correction

@@ -144,7 +144,19 @@ def write_labels(outdir, labels):
 def shard_name(seeds):
     return f'seeds-{min(seeds):06d}-{max(seeds):06d}-n{len(seeds)}.npz'
 
-def save_npz_shard(path, samples, labels, seeds):
-    """Compressed uint8 shard: samples [N,H,W,C], label [N] (-1 = none), seeds [N]."""
+def save_npz_shard(path, samples, labels, seeds, keys='edm-dg', label_dim=0):
+    """Compressed uint8 shard of images [N,H,W,C] with their labels [N] (-1 = none) and seeds [N].
+
+    keys='edm-dg' (also the release's names): samples, label, seeds. keys='study' (the reproduction
+    study's generate.py --save_format=npz): images, one-hot labels [N, label_dim] when labelled, seeds.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    seeds = np.asarray(seeds, dtype=np.int64)
+    if keys == 'study':
+        arrays = dict(images=samples, seeds=seeds)
+        if label_dim and (labels >= 0).all():
+            arrays['labels'] = np.eye(label_dim, dtype=np.float32)[labels]
+    else:
+        arrays = dict(samples=samples, label=labels, seeds=seeds)
     with atomic_open(path) as f:
-        np.savez_compressed(f, samples=samples, label=np.asarray(labels, dtype=np.int64), seeds=np.asarray(seeds, dtype=np.int64))
+        np.savez_compressed(f, **arrays)

@@ -31,12 +31,12 @@ Philox on CUDA), so they cannot coincide with any seed's plain stream; torch's
 CPU generator keeps only the low 32 bits of a seed, so a derived torch seed
 could not guarantee that. Chains of a seed share its class label.
 
-Samplers take the hook `resample(i, x, sigma) -> idx or None`, called on the
-host after main step i with the state x [N,...] at the host noise level sigma;
-`idx` (a LongTensor [N] on x's device) is applied to every per-sample state of
-the sampler. Noise streams are not permuted: row r keeps drawing from its own
-generator, so a duplicated particle gets fresh noise wherever the sampler adds
-noise (deterministic samplers keep duplicates identical).
+Resampling is an after_step hook (hooks.py): it returns an [N] index tensor
+and the driver reorders every per-sample state, the particles' previous
+ratios and ancestors (kept in the run's SampleState) included. Noise streams
+are not permuted: row r keeps drawing from its own generator, so a duplicated
+particle gets fresh noise wherever the sampler adds noise (deterministic
+samplers keep duplicates identical).
 Nothing here reads a tensor back to the host during sampling; the record of
 the scores is read once per batch, after sampling.
 """
@@ -48,33 +48,17 @@ import os
 import numpy as np
 import torch
 
-from . import io as dgio
-from . import vp
-from .samplers import edm_schedule, sample
+from .. import fileio
+from .driver import sample
+from .hooks import Hook, SampleState
+from .schedule import edm_schedule
+from .score import log_ratio
 
-D_CLIP = 1e-5  # d is clipped to [D_CLIP, 1 - D_CLIP], as for guidance
 RECORD_NAME = 'selection.jsonl'
 PARTIAL_GLOB = 'selection-rank*.partial.jsonl'
 
 #----------------------------------------------------------------------------
-# Scores.
-
-@torch.no_grad()
-def log_ratio(discriminator, x, sigma, labels=None):
-    """`log(d / (1 - d))` [N] (float32) of x (EDM scaling) at noise level sigma, without autograd.
-
-    The discriminator sees `x_vp = mean(tau) x` at the VP time tau of sigma (a
-    host float, a 0-d or an [N] tensor), as `edm_dg.guidance.dg_correction` feeds it.
-    """
-    n = x.shape[0]
-    if isinstance(sigma, torch.Tensor):
-        sig = sigma.to(device=x.device, dtype=torch.float64).reshape(-1).expand(n)
-    else:  # A fill on the device: a blocking host-to-device copy would wait for the device.
-        sig = torch.full([n], float(sigma), dtype=torch.float64, device=x.device)
-    mean, tau = vp.sigma_to_vp(sig)
-    x_vp = (mean.reshape(-1, *([1] * (x.ndim - 1))) * x).float()
-    d = discriminator(x_vp, tau, labels).reshape(-1).float().clip(D_CLIP, 1 - D_CLIP)
-    return torch.log(d / (1 - d))
+# Scores: score.log_ratio (no autograd), at the level below.
 
 def scoring_sigma(net, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, **_):
     """The noise level finished images are scored at: the schedule's lowest positive level (host float)."""
@@ -162,36 +146,41 @@ def multinomial_rows(log_w, u):
     target = u.to(cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf.contiguous(), target.contiguous(), right=True).clamp(max=log_w.shape[1] - 1)
 
-class Resampler:
-    """The samplers' `resample` hook: resample each seed's particles after the main steps in `steps`.
+class Resampler(Hook):
+    """The after_step hook of particle filtering: resample each seed's particles after the main steps in `steps`.
 
     Weights: the ratio r = d / (1 - d) at the step's noise level, divided by
     the ratio the particle's ancestor had at the previous resampling (1 before
-    the first). `ancestor` [N] (device) is the original chain of each row.
+    the first). Per-sample state (reordered by the driver): 'disc_labels'
+    (the discriminator's labels; `labels` fills it where the run has none),
+    'resample_prev' (log r at the last resampling) and 'ancestor' (the
+    original chain of each row).
     """
+
+    events = ('after_step',)
+    option = '--particles'
 
     def __init__(self, discriminator, labels, steps, chains, rnd):
         self.discriminator, self.labels, self.chains, self.rnd = discriminator, labels, int(chains), rnd
         self.steps = frozenset(int(i) for i in steps)
-        self.prev = None
-        self.ancestor = None
         self.count = 0  # resamplings done (host)
 
-    def __call__(self, i, x, sigma):
+    def after_step(self, i, x, sigma, state):
         if i not in self.steps or self.chains < 2:
             return None
-        lr = log_ratio(self.discriminator, x, sigma, self.labels)
-        incr = lr if self.prev is None else lr - self.prev
+        if state.get('disc_labels') is None and self.labels is not None:
+            state['disc_labels'] = self.labels
+        lr = log_ratio(self.discriminator, x, sigma, state.get('disc_labels'))
+        prev = state.get('resample_prev')
+        incr = lr if prev is None else lr - prev
         b = x.shape[0] // self.chains
         local = multinomial_rows(incr.reshape(b, self.chains), self.rnd.uniforms(x.device))
         base = torch.arange(b, device=x.device).reshape(-1, 1) * self.chains
-        idx = (local + base).reshape(-1)
-        self.prev = lr[idx]
-        self.ancestor = idx if self.ancestor is None else self.ancestor[idx]
-        if self.labels is not None:
-            self.labels = self.labels[idx]
+        state['resample_prev'] = lr
+        if state.get('ancestor') is None:
+            state['ancestor'] = torch.arange(x.shape[0], device=x.device)
         self.count += 1
-        return idx
+        return (local + base).reshape(-1)
 
 #----------------------------------------------------------------------------
 # One batch.
@@ -205,26 +194,24 @@ def sample_selected(net, latents, class_labels, rnd, seeds, *, chains, resample_
     best: keep the chain whose finished image scores highest (best-of-N);
     otherwise chain 0 (after resampling, a draw from the last resampling).
     discriminator: `(x_vp, tau, labels) -> d`, also used for guidance when
-    sampler_kwargs ask for it (edm_dg.samplers.sample's options).
+    sampler_kwargs ask for it (driver.sample's options).
     records: per seed dict(seed, chosen, log_ratio, candidates[, ancestor]).
     """
     if discriminator is None:
         raise ValueError('selection needs a discriminator; pass --disc and --classifier')
     b, c = len(seeds), int(chains)
     lat, labels, crnd = chain_inputs(latents, class_labels, rnd, seeds, c)
-    dlabels = labels if disc_labels is None else repeat_rows(disc_labels, c)
-    resampler = Resampler(discriminator, dlabels, resample_steps, c, crnd) if c > 1 and resample_steps else None
-    if disc_labels is not None:
-        sampler_kwargs['disc_labels'] = dlabels
-    images = sample(net, lat, labels, crnd.randn_like, discriminator=discriminator, resample=resampler, **sampler_kwargs)
-    score_labels = dlabels if resampler is None or resampler.labels is None else resampler.labels
-    scores = log_ratio(discriminator, images, scoring_sigma(net, **sampler_kwargs), score_labels).reshape(b, c)
+    state = SampleState(disc_labels=labels if disc_labels is None else repeat_rows(disc_labels, c))
+    resampler = Resampler(discriminator, None, resample_steps, c, crnd) if c > 1 and resample_steps else None
+    images = sample(net, lat, labels, crnd.randn_like, discriminator=discriminator, hooks=[resampler] if resampler else (),
+                    state=state, **sampler_kwargs)
+    scores = log_ratio(discriminator, images, scoring_sigma(net, **sampler_kwargs), state['disc_labels']).reshape(b, c)
     pick = scores.argmax(dim=1) if best else torch.zeros(b, dtype=torch.long, device=scores.device)
     rows = torch.arange(b, device=scores.device) * c + pick
     chosen = images[rows]
     host = dict(pick=pick.cpu().tolist(), scores=scores.cpu().tolist())
-    if resampler is not None and resampler.ancestor is not None:
-        host['ancestor'] = (resampler.ancestor[rows] - torch.arange(b, device=rows.device) * c).cpu().tolist()
+    if state.get('ancestor') is not None:
+        host['ancestor'] = (state['ancestor'][rows] - torch.arange(b, device=rows.device) * c).cpu().tolist()
     records = []
     for k, s in enumerate(seeds):
         rec = dict(seed=int(s), chosen=host['pick'][k], log_ratio=host['scores'][k][host['pick'][k]],
@@ -274,7 +261,7 @@ def merge_records(outdir, records=()):
     for part in parts:
         merged.update(read_records(part))
     merged.update({int(r['seed']): r for r in records})
-    dgio.atomic_write_text(path, ''.join(json.dumps(merged[s], sort_keys=True) + '\n' for s in sorted(merged)))
+    fileio.atomic_write_text(path, ''.join(json.dumps(merged[s], sort_keys=True) + '\n' for s in sorted(merged)))
     for part in parts:
         os.remove(part)
     return path
