@@ -11,8 +11,9 @@ import click
 from torch_utils import distributed as dist
 from edm_dg import metrics
 from edm_dg.cli import command_body
-from edm_dg.options import (batch_option, dg_options, pop_disc_options, pop_sampler_options, runtime_options, sampler_options,
-                            sampler_settings)
+from edm_dg.options import (batch_option, dg_options, guidance_settings, pop_disc_options, pop_guidance_options,
+                            pop_rejection_options, pop_sampler_options, rejection_options, rejection_settings, runtime_options,
+                            sampler_options, sampler_settings)
 from edm_dg.precision import fast_paths
 
 @click.group(help=__doc__)
@@ -70,7 +71,7 @@ def ref(dataset_path, dest_path, batch, detector, device):
 def _dg_eval_options(fn):
     """Options of `epochs` and `sweep` beyond the shared sampler, DG and runtime options."""
     opts = [
-        click.option('--network', 'network_pkl', help='EDM network pickle', metavar='PATH|URL', required=True),
+        click.option('--network', 'network_pkl', help='EDM or EDM2 (pixel) network pickle  [default: the EDM2 --preset\'s]', metavar='PATH|URL', default=None),
         click.option('--ref', 'ref_path', help='Reference statistics (.npz with mu, sigma)', metavar='NPZ|URL', required=True),
         click.option('--outdir', help='Results folder (CSV, PNG, temporary images)', metavar='DIR', required=True),
         click.option('--seeds', help='Sampling seeds, the same for every point; disjoint from the seeds of the training fakes', metavar='LIST', default='0-9999', show_default=True),
@@ -81,7 +82,7 @@ def _dg_eval_options(fn):
     ]
     for o in reversed(opts):
         fn = o(fn)
-    return sampler_options(dg_options(runtime_options(fn)))
+    return sampler_options(dg_options(rejection_options(runtime_options(fn))))
 
 def _prepare(kw, disc_path, allow_seed_overlap):
     """Device, networks, reference, detector, seeds, sampler settings and discriminator files of an `epochs`/`sweep` run."""
@@ -90,6 +91,9 @@ def _prepare(kw, disc_path, allow_seed_overlap):
     from edm_dg.seed_provenance import check_overlap
     seeds = parse_seeds(kw.pop('seeds'))
     sampler_opts = pop_sampler_options(kw)
+    network_pkl, gnet_pkl, guidance = guidance_settings(pop_guidance_options(kw), kw.pop('network_pkl'), sampler_opts)
+    rejection_opts = pop_rejection_options(kw)
+    rejection_settings(rejection_opts, guided=True)  # Its errors before any loading.
     warning = check_overlap(disc_path, seeds)
     if warning and not allow_seed_overlap:
         raise ValueError(warning + '; or pass --allow_seed_overlap')
@@ -97,8 +101,16 @@ def _prepare(kw, disc_path, allow_seed_overlap):
         dist.print0(f'Warning: {warning}')
     device = dist.init_device(kw.pop('device'))
     disc_opts = pop_disc_options(kw)
-    net, disc = load_models(kw.pop('network_pkl'), device, trust_pickle=kw.pop('trust_pickle'), **dict(disc_opts, disc_path=disc_path))
-    settings = sampler_settings(sampler_opts, net.label_dim, guided=True)
+    from edm_dg.models import check_fast_paths, load_guide
+    trust_pickle = kw.pop('trust_pickle')
+    net, disc = load_models(network_pkl, device, trust_pickle=trust_pickle, **dict(disc_opts, disc_path=disc_path))
+    check_fast_paths(net, kw['precision'], kw['channels_last'], kw['compile_nets'], network_pkl)
+    settings = sampler_settings(sampler_opts, net.label_dim, guided=True, num_steps=getattr(net, 'default_num_steps', None))
+    if gnet_pkl is not None:  # Guidance by a second net goes with the sampler settings (sweep --param=guidance).
+        settings.update(guidance, gnet=load_guide(gnet_pkl, net, device, network_pkl=network_pkl, trust_pickle=trust_pickle))
+    rejection = rejection_settings(rejection_opts, settings, guided=True)
+    if rejection is not None:  # Each point generates with DiffRS, its thresholds warmed up in its image folder.
+        settings['rejection'] = rejection
     net, disc = fast_paths(net, disc, kw.pop('precision'), kw.pop('disc_precision'), kw.pop('channels_last'), kw.pop('compile_nets'))
     ref = metrics.load_ref(kw.pop('ref_path'))
     det = metrics.load_detector(kw.pop('detector'), device, log=dist.print0)
@@ -117,6 +129,8 @@ def epochs(run_dir, every, outdir, batch, keep_images, allow_seed_overlap, **kw)
         raise ValueError('--disc is not used by "epochs": it evaluates every disc-*.pt of --run; drop --disc')
     if not kw.get('classifier_path'):
         raise ValueError('--classifier is required: the ADM classifier the run was trained with')
+    if kw.get('rej_thresholds'):
+        raise ValueError('--rej_thresholds with "epochs": thresholds belong to one discriminator, each epoch warms up its own; drop it')
     last = checkpoint_epochs(run_dir, every)[-1][1]
     device, net, _, ref, det, seeds, settings, files = _prepare(kw, last, allow_seed_overlap)
     disc_kwargs = dict(lora_alpha=files['lora_alpha'], time_schedule=files['disc_time'], lora_checkpoint=files['lora_checkpoint'],
@@ -126,7 +140,7 @@ def epochs(run_dir, every, outdir, batch, keep_images, allow_seed_overlap, **kw)
     dist.print0(f'Best epoch {best["epoch"]}: FID {float(best["fid"]):.4f} ({outdir}/fid_epochs.csv, fid_epochs.png)')
 
 @main.command()
-@click.option('--param', help='Sampler setting to sweep (e.g. S_churn, boost_S_churn, dg_weight_1st_order, time_min)', required=True)
+@click.option('--param', help='Sampler setting to sweep (e.g. S_churn, boost_S_churn, dg_weight_1st_order, time_min, guidance with --gnet)', required=True)
 @click.option('--values', help='Rough grid, comma-separated', required=True)
 @click.option('--refine', help='Then this many points between the best value\'s neighbours', type=click.IntRange(min=0), default=0, show_default=True)
 @_dg_eval_options
@@ -140,7 +154,11 @@ def sweep(param, values, refine, outdir, batch, keep_images, allow_seed_overlap,
         vals = [float(v) for v in values.split(',')]
     except ValueError:
         raise ValueError(f'--values="{values}": expected comma-separated numbers') from None
+    if param == 'guidance' and kw.get('gnet') and kw.get('guidance') is None:
+        kw['guidance'] = 1.0  # Swept: every point sets its own.
     device, net, disc, ref, det, seeds, settings, _ = _prepare(kw, kw['disc_path'], allow_seed_overlap)
+    if param == 'guidance' and 'gnet' not in settings:
+        raise ValueError('--param=guidance sweeps the weight of the guide network: pass --gnet=PKL')
     rows, best = run_sweep(net, param, vals, seeds, ref, det, outdir, device, dict(settings, discriminator=disc),
                            refine=refine, batch=batch, keep_images=keep_images, log=dist.print0)
     dist.print0(f'Best {param}={best["value"]}: FID {float(best["fid"]):.4f} ({outdir}/sweep_{param}.csv)')

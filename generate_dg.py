@@ -16,9 +16,18 @@ and published presets. Examples:
   python generate_dg.py --network=... --disc=... --classifier=... --sampler=restart --outdir=out \\
       --seeds=0-99 --grid=grid.png --grid_compare
 \b
+  # EDM2's autoguided ImageNet-64 model (its preset: --network, --gnet, --guidance), with DG on top
+  python generate_dg.py --preset=edm2-img64-s-autog-fid --disc=disc-0010.pt --classifier=64x64_classifier.pt \\
+      --outdir=out --seeds=0-99
+\b
   # Selection without guidance: 4 particles per seed resampled by the discriminator after steps 4, 8, 12
   python generate_dg.py --network=... --disc=... --classifier=... --w=0 --particles=4 --resample_steps=4,8,12 \\
       --S_churn=10 --outdir=out --seeds=0-99
+\b
+  # DiffRS: every step accepted or rejected by the discriminator, plain transitions (--w=0); the
+  # thresholds go to out/diffrs_thresholds.json, and --rej_thresholds=PATH reuses them
+  python generate_dg.py --network=... --disc=... --classifier=... --w=0 --rejection=diffrs \\
+      --rej_percentile=0.75 --max_iter=105 --outdir=out --seeds=0-99
 \b
 Selection (--particles, --best_of) keeps one image per seed ({seed:06d}.png); the image of seed s depends
 only on s: chain 0 is seed s's plain chain (so K=1 or N=1 gives the plain image), chain c>0 draws from
@@ -35,10 +44,12 @@ from edm_dg import grid as gridlib
 from edm_dg import fileio
 from edm_dg.cli import command_body
 from edm_dg.generate import generate
-from edm_dg.models import check_class, load_models
-from edm_dg.options import (RESUME, batch_option, dg_options, output_peer_options, pop_disc_options, pop_sampler_options,
+from edm_dg.models import check_class, check_fast_paths, load_guide, load_models
+from edm_dg.options import (RESUME, batch_option, dg_options, guidance_settings, output_peer_options, pop_disc_options,
+                            pop_guidance_options, pop_sampler_options,
                             pop_selection_options, runtime_options, sampler_options, sampler_settings, seeds_from_peer_options,
-                            selection_options, selection_settings)
+                            selection_options, selection_settings, pop_rejection_options, rejection_options,
+                            rejection_settings)
 from edm_dg.precision import fast_paths
 from edm_dg.seed_provenance import check_overlap
 
@@ -47,7 +58,7 @@ GRID_SEEDS = 100
 #----------------------------------------------------------------------------
 
 @click.command(help=__doc__)
-@click.option('--network', 'network_pkl',  help='EDM network pickle (path or URL)', metavar='PATH|URL', type=str, required=True)
+@click.option('--network', 'network_pkl',  help='EDM or EDM2 (pixel) network pickle, path or URL  [default: the EDM2 --preset\'s]', metavar='PATH|URL', type=str, default=None)
 @click.option('--outdir',                  help='Where to save the output images', metavar='DIR', type=str, required=True)
 @click.option('--seeds',                   help='Random seeds (e.g. 1,2,5-10)  [default: 0-63]', metavar='LIST', type=str, default=None)
 @click.option('--subdirs',                 help='Create subdirectory for every 1000 seeds', is_flag=True)
@@ -56,6 +67,7 @@ GRID_SEEDS = 100
 @sampler_options
 @dg_options
 @selection_options
+@rejection_options
 @click.option('--npz',                     help='Also write compressed uint8 .npz shards (samples, label, seeds)', is_flag=True)
 @output_peer_options
 @RESUME
@@ -66,7 +78,7 @@ GRID_SEEDS = 100
 def main(**kwargs):
     run(**kwargs)
 
-def run(network_pkl, outdir, seeds=None, subdirs=False, class_idx=None, max_batch_size=64, npz=False, num_samples=None,
+def run(network_pkl=None, outdir=None, seeds=None, subdirs=False, class_idx=None, max_batch_size=64, npz=False, num_samples=None,
         save_format=None, save_type=None, resume=True, grid=None, grid_compare=False, device=None, precision='fp32',
         disc_precision=None, channels_last=False, compile_nets=False, trust_pickle=False, log=None, **options):
     """generate_dg.py as a function: options as the command's parameter names."""
@@ -78,27 +90,39 @@ def run(network_pkl, outdir, seeds=None, subdirs=False, class_idx=None, max_batc
     disc_opts = pop_disc_options(options)
     disc_path = disc_opts['disc_path']
     sampler_opts = pop_sampler_options(options)
+    network_pkl, gnet_pkl, guidance = guidance_settings(pop_guidance_options(options), network_pkl, sampler_opts)
     selection_opts = pop_selection_options(options)
+    rejection_opts = pop_rejection_options(options)
     if options:
         raise TypeError(f'unknown options {sorted(options)}')
-    if grid_compare and (grid is None or disc_path is None):
-        raise ValueError('--grid_compare compares plain and guided images: pass --grid=PATH and --disc too')
-    selection_settings(selection_opts, guided=disc_path is not None)  # Its errors before any loading.
+    if grid_compare and (grid is None or (disc_path is None and gnet_pkl is None)):
+        raise ValueError('--grid_compare compares plain and guided images: pass --grid=PATH and --disc or --gnet too')
+    early_selection = selection_settings(selection_opts, guided=disc_path is not None)  # Its errors before any loading.
+    rejection_settings(rejection_opts, guided=disc_path is not None, selection=early_selection)
     device = dist.init_device(device)
     _check_writable(outdir)
     net, disc = load_models(network_pkl, device, trust_pickle=trust_pickle, log=log, **disc_opts)
     check_class(net, class_idx, network_pkl)
-    settings = sampler_settings(sampler_opts, net.label_dim, guided=disc is not None)
+    check_fast_paths(net, precision, channels_last, compile_nets, network_pkl)
+    gnet = None if gnet_pkl is None else load_guide(gnet_pkl, net, device, network_pkl=network_pkl, trust_pickle=trust_pickle, log=log)
+    settings = sampler_settings(sampler_opts, net.label_dim, guided=disc is not None, num_steps=getattr(net, 'default_num_steps', None))
     selection = selection_settings(selection_opts, settings['num_steps'], guided=disc is not None)
+    rejection = rejection_settings(rejection_opts, settings, guided=disc is not None, selection=selection)
     if disc is not None:
         warning = check_overlap(disc_path, seeds)
         if warning:
             log(f'Warning: {warning}')
 
     fast_net, fast_disc = fast_paths(net, disc, precision, disc_precision, channels_last, compile_nets, log=log)
-    log(f'Generating {len(seeds)} images to "{outdir}" with {describe(settings, disc, selection)} on {dist.get_world_size()} process(es)...')
+    guidance = dict(guidance, gnet=gnet) if gnet is not None else {}
+    log(f'Generating {len(seeds)} images to "{outdir}" with {describe(settings, disc, selection, rejection, guidance, net)} '
+        f'on {dist.get_world_size()} process(es)...')
     common = dict(device=device, subdirs=subdirs, class_idx=class_idx, max_batch_size=max_batch_size, log=log)
-    stats = generate(fast_net, outdir, seeds, sampler_kwargs=dict(settings, discriminator=fast_disc), selection=selection,
+    sampler_kwargs = dict(settings, discriminator=fast_disc, **guidance)
+    if rejection is not None:  # Thresholds name the loaded discriminator, not its fast-path wrapper.
+        from edm_dg.sampling.diffrs import discriminator_fingerprint
+        sampler_kwargs['rejection'] = dict(rejection, fingerprint=discriminator_fingerprint(disc))
+    stats = generate(fast_net, outdir, seeds, sampler_kwargs=sampler_kwargs, selection=selection,
                      npz=npz, resume=resume, **common)
     report(stats, log)
     if grid is not None:
@@ -114,11 +138,15 @@ def run(network_pkl, outdir, seeds=None, subdirs=False, class_idx=None, max_batc
             gridlib.save(grid, gridlib.side_by_side(panels), scale=gridlib.default_scale(net.img_resolution))
             log(f'Grid of seeds {grid_seeds[0]}..{grid_seeds[-1]} written to "{grid}"' + (' (plain left, guided right)' if grid_compare else ''))
 
-def describe(settings, disc, selection=None):
-    """One line on what samples: sampler, steps, the DG weights and the selection."""
+def describe(settings, disc, selection=None, rejection=None, guidance=None, net=None):
+    """One line on what samples: sampler, steps, guidance by a second net and its NFE per image, the DG
+    weights, the selection and the rejection sampling."""
     text = f'{settings["sampler"]} sampler, {settings["num_steps"]} steps, '
+    guided = bool(guidance) and guidance.get('gnet') is not None
+    if guided:
+        text += describe_guidance(settings, guidance, net) + ', '
     if disc is None:
-        return text + 'plain EDM'
+        return text + ('no DG' if guided else 'plain EDM')
     text += (f'DG (w1={settings["dg_weight_1st_order"]}, w2={settings["dg_weight_2nd_order"]}, '
              f'window {settings["time_min"]}-{settings["time_max"]}, boosting={int(settings["boosting"])})')
     if selection is not None:
@@ -126,6 +154,27 @@ def describe(settings, disc, selection=None):
         text += f', {selection["chains"]} chains per seed'
         text += f' resampled after steps {steps}' if steps else ''
         text += ', best kept' if selection['best'] else ''
+    if rejection is not None:
+        text += (f', DiffRS (gamma={rejection["rej_percentile"]}, backsteps={rejection["backsteps"]}, '
+                 f'max_iter={rejection["max_iter"] or "none"})')
+    return text
+
+def describe_guidance(settings, guidance, net):
+    """'guidance w=W[ in [lo, hi]] (NFE per image: N)' -- the guide's evaluations counted where they happen."""
+    from edm_dg.sampling import build_chain, nfe
+    from edm_dg.sampling.hooks import SampleState
+    text = f'guidance w={guidance["guidance"]:g}'
+    interval = guidance.get('guidance_interval')
+    if interval is not None:
+        text += f' for sigma in [{interval[0]:g}, {interval[1]:g}]'
+    if guidance['guidance'] == 1:
+        return text + ' (the main net alone; the guide is not evaluated)'
+    den, _ = build_chain(net, SampleState(), gnet=guidance['gnet'], guidance=guidance['guidance'], guidance_interval=interval)
+    keys = ('sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_min', 'S_max', 'S_noise', 'restart')
+    calls = nfe(settings['sampler'], settings['num_steps'], den, **{k: settings[k] for k in keys if settings.get(k) is not None})
+    text += f', {calls} network evaluations per image'
+    if calls == nfe(settings['sampler'], settings['num_steps'], net, **{k: settings[k] for k in keys if settings.get(k) is not None}):
+        text += ' (no step lies in the guidance interval: plain sampling)'
     return text
 
 def report(stats, log):

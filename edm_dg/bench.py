@@ -3,9 +3,10 @@
 Real-size networks with seeded random weights: EDM's CIFAR-10 DDPM++ EDMPrecond
 (55.7 M parameters), the 32x32 ADM classifier and the released head layout.
 Same process, same inputs; warm-up excluded; median of repeats. --baseline adds
-guided sampling with the discriminator run as the DG release runs it.
+guided sampling with the discriminator run as the DG release runs it; --diffrs adds DiffRS against
+plain Heun (images/s and NFE/image of both, the warm-up timed apart).
 
-    python -m edm_dg.bench --batch=4 --steps=6 [--baseline] [--device=cuda --precision=bf16]
+    python -m edm_dg.bench --batch=4 --steps=6 [--baseline] [--diffrs] [--device=cuda --precision=bf16]
 """
 
 import math
@@ -13,6 +14,7 @@ import statistics
 import time
 
 import click
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -22,7 +24,7 @@ from .adm import AttentionBlock, EncoderUNet
 from .discriminator import Discriminator, make_head
 from .layouts import ADM_CLASSIFIERS, edm_network
 from .precision import PRECISIONS, fast_paths
-from .sampling import dg_sampler, edm_schedule, nfe, window_on_host
+from .sampling import diffrs, dg_sampler, edm_schedule, nfe, window_on_host
 from .sampling.score import log_ratio_vp
 
 def cifar10_ddpmpp(seed=0, label_dim=0):
@@ -140,7 +142,11 @@ def sync(device):
 @click.option('--compile', 'compile_nets', is_flag=True)
 @click.option('--w1', type=float, default=2.0, show_default=True)
 @click.option('--baseline', is_flag=True, help='Also time guided sampling with the discriminator run as the DG release runs it')
-def main(device, batch, steps, repeats, precision, disc_precision, channels_last, compile_nets, w1, baseline):
+@click.option('--diffrs', 'with_diffrs', is_flag=True, help='Also time DiffRS (plain transitions) against plain Heun on 2 x --batch seeds: images/s and NFE/image')
+@click.option('--rej_percentile', type=click.FloatRange(0, 1), default=0.75, show_default=True, help='DiffRS gamma (with --diffrs)')
+@click.option('--max_iter', type=click.IntRange(min=1), default=None, help='DiffRS budget per attempt (with --diffrs)  [default: none]')
+def main(device, batch, steps, repeats, precision, disc_precision, channels_last, compile_nets, w1, baseline, with_diffrs,
+         rej_percentile, max_iter):
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     disc_precision = disc_precision or precision
     net = cifar10_ddpmpp().to(device)
@@ -170,7 +176,57 @@ def main(device, batch, steps, repeats, precision, disc_precision, channels_last
     ratio = ratios[1]
     print(f'guided/plain time ratio {ratio:.3f} (median over {repeats} alternating rounds); FLOP floor {floor:.3f}; {100 * (ratio / floor - 1):+.1f}% above the floor')
     print(f'50,000 images (FID-50k) with --steps={steps} at these rates on one device: plain {50000 * medians[0] / batch / 3600:.1f} h, guided {50000 * medians[1] / batch / 3600:.1f} h')
-    return dict(floor=floor, ratio=ratio, **{name: t for name, t in zip(runs, medians)})
+    out = dict(floor=floor, ratio=ratio, **{name: t for name, t in zip(runs, medians)})
+    if with_diffrs:
+        out['diffrs'] = diffrs_vs_plain(run_net, run_disc, batch, steps, repeats, device, rej_percentile, max_iter)
+        print_diffrs(out['diffrs'], rej_percentile, max_iter, repeats)
+    return out
+
+#----------------------------------------------------------------------------
+# DiffRS against plain Heun (--diffrs): the same seeds, the same process, interleaved rounds.
+
+def diffrs_vs_plain(net, disc, batch, steps, repeats, device, rej_percentile=0.75, max_iter=None, images=None):
+    """dict of plain Heun's and DiffRS's seconds per run of `images` seeds (default 2 * batch), images/s, NFE per
+    image and the DiffRS summary. DiffRS keeps `batch` slots filled from the queue of seeds (plain transitions);
+    plain Heun samples the same latents in batches of `batch`. The warm-up (100 samples) is timed apart."""
+    from .generate import draw_inputs
+    from .sampling.selection import host_to_device
+    n = images or 2 * batch
+    seeds = list(range(n))
+    rs = diffrs.DiffRS(net, disc, num_steps=steps, rej_percentile=rej_percentile, max_iter=max_iter)
+    t0 = time.perf_counter()
+    th = rs.warmup(1, device=device, batch=batch)
+    sync(device)
+    warmup_s = time.perf_counter() - t0
+    latents = draw_inputs([net.img_channels, net.img_resolution, net.img_resolution], 0, seeds, device)[0]
+    def plain():
+        with torch.no_grad():
+            for i in range(0, n, batch):
+                dg_sampler(net, latents[i:i + batch], None, num_steps=steps)
+        sync(device)
+    records = []
+    def rejected():
+        records.clear()
+        draw = lambda pos: (latents[host_to_device(np.asarray(pos), latents.device)], None)
+        for _, _, _, recs in rs.generate(seeds, draw, th, batch=batch, device=device):
+            records.extend(recs)
+        sync(device)
+    (t_plain, t_rs), (_, ratio) = time_interleaved([plain, rejected], repeats)
+    summary = diffrs.summarize(records)
+    return dict(images=n, warmup_s=warmup_s, plain_s=t_plain, diffrs_s=t_rs, time_ratio=ratio,
+                plain_nfe=nfe('heun', steps, net), summary=summary)
+
+def print_diffrs(r, rej_percentile, max_iter, repeats):
+    s = r['summary']
+    print(f'DiffRS (plain transitions, gamma={rej_percentile}, max_iter={max_iter or "none"}), {r["images"]} seeds per run; '
+          f'warm-up of {diffrs.WARMUP_BATCH} samples {r["warmup_s"]:.1f} s (not timed below)')
+    print(f'{"":<22}{"s/run":>9}{"images/s":>10}{"NFE/image":>11}')
+    print(f'{"plain heun":<22}{r["plain_s"]:>9.3f}{r["images"] / r["plain_s"]:>10.2f}{r["plain_nfe"]:>11.2f}')
+    print(f'{"diffrs":<22}{r["diffrs_s"]:>9.3f}{r["images"] / r["diffrs_s"]:>10.2f}{s["mean_nfe_total"]:>11.2f}'
+          f'   (final attempts {s["mean_nfe"]:.2f}, restarts {s["restarts"]})')
+    print(f'diffrs/plain: time per image {r["time_ratio"]:.3f} (median over {repeats} alternating rounds), '
+          f'NFE per image {s["mean_nfe_total"] / r["plain_nfe"]:.3f}; acceptance per level '
+          + ' '.join('-' if a is None else f'{a:.3f}' for a in s['acceptance']))
 
 if __name__ == '__main__':
     main()

@@ -6,6 +6,7 @@ Outputs are written atomically, so an interrupted run is resumed by generating
 exactly the seeds whose files are missing.
 """
 
+import json
 import os
 import time
 
@@ -89,8 +90,17 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
     (edm_dg.sampling.selection.sample_selected, with sampler_kwargs' discriminator);
     the scores go to outdir/selection.jsonl, one line per seed, merged over
     ranks and runs. max_batch_size still counts seeds.
+
+    sampler_kwargs['rejection']: DiffRS settings (edm_dg.options.rejection_settings); see `generate_rejected`.
     """
     sampler_kwargs = dict(sampler_kwargs or {})
+    rejection = sampler_kwargs.pop('rejection', None)  # edm_dg.options.rejection_settings
+    if rejection is not None:
+        if selection is not None:
+            raise ValueError('--rejection=diffrs with --particles/--best_of: pass one of them')
+        return generate_rejected(net, outdir, seeds, device=device, rejection=rejection, sampler_kwargs=sampler_kwargs,
+                                 subdirs=subdirs, class_idx=class_idx, max_batch_size=max_batch_size, npz=npz,
+                                 resume=resume, progress=progress, log=log)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     net_shape = [net.img_channels, net.img_resolution, net.img_resolution]
     batches = rank_batches(seeds, max_batch_size, rank, world_size)
@@ -156,3 +166,105 @@ def _label_entries(batch, relpaths, class_labels):
         return {relpaths[s]: None for s in batch}
     idx = class_labels.argmax(dim=1).cpu().tolist()
     return {relpaths[s]: int(i) for s, i in zip(batch, idx)}
+
+#----------------------------------------------------------------------------
+# Diffusion Rejection Sampling (edm_dg/sampling/diffrs.py): one queue of seeds per rank.
+
+CHAIN_KEYS = ('sampler', 'discriminator', 'dg_weight_1st_order', 'dg_weight_2nd_order', 'time_min', 'time_max', 'boosting',
+              'boost_S_churn', 'boost_S_noise', 'boost_period', 'boost_weight_period', 'gnet', 'guidance', 'guidance_interval')
+
+def generate_rejected(net, outdir, seeds, *, device, rejection, sampler_kwargs, subdirs=False, class_idx=None,
+                      max_batch_size=64, npz=False, resume=True, progress=True, log=print):
+    """`generate` with DiffRS: the seeds of this rank in one queue over max_batch_size slots.
+
+    rejection: edm_dg.options.rejection_settings' dict (rej_percentile,
+    backsteps, min_backsteps, max_backsteps, iter_warmup, max_iter,
+    rej_thresholds; optionally fingerprint, the discriminator's name in the
+    thresholds). The transition is sampler_kwargs' heun/euler over the denoiser
+    build_chain makes of the DG options (--w=0: the plain net). Rank 0 makes
+    or checks outdir/diffrs_thresholds.json; every rank then samples its own
+    seeds. Per seed a line in outdir/rejection.jsonl (merged over ranks and
+    runs), then one summary line (sampling.diffrs.summarize) of all its seeds.
+    """
+    from .sampling import diffrs
+    from .sampling.driver import build_chain
+    from .sampling.hooks import SampleState
+    kw, rej = dict(sampler_kwargs), dict(rejection)
+    chain = {k: kw.pop(k) for k in CHAIN_KEYS if k in kw}
+    kw.pop('restart', None)
+    disc = chain.get('discriminator')
+    den, _ = build_chain(net, SampleState(), **chain)
+    rs = diffrs.DiffRS(den, disc, solver=chain.get('sampler', 'heun'), rej_percentile=rej['rej_percentile'],
+                       backsteps=rej['backsteps'], min_backsteps=rej['min_backsteps'], max_backsteps=rej['max_backsteps'],
+                       max_iter=rej['max_iter'], fingerprint=rej.get('fingerprint'), **kw)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    net_shape = [net.img_channels, net.img_resolution, net.img_resolution]
+    batches = rank_batches(seeds, max_batch_size, rank, world_size)
+    if rank == 0:
+        os.makedirs(outdir, exist_ok=True)
+        fileio.remove_stale_temps(outdir)
+        try:
+            th, error = rs.outdir_thresholds(outdir, rej['rej_thresholds'], iter_warmup=rej['iter_warmup'], device=device,
+                                             label_dim=net.label_dim, class_idx=class_idx, batch=max_batch_size), None
+        except ValueError as e:
+            th, error = None, str(e)
+    error = dist.broadcast_object(error if rank == 0 else None)
+    if error is not None:
+        raise ValueError(error)
+    if rank != 0:
+        th = rs.thresholds_for(os.path.join(outdir, diffrs.THRESHOLDS_NAME))
+
+    labels, relpaths = {}, {}
+    for batch in batches:
+        if batch:
+            relpaths.update({s: fileio.image_relpath(s, subdirs) for s in batch})
+            labels.update(_label_entries(batch, relpaths, draw_inputs(net_shape, net.label_dim, batch, device, class_idx)[1]))
+    mine = [s for b in batches for s in b]
+    todo = [s for s in mine if not (resume and os.path.isfile(os.path.join(outdir, relpaths[s])))]
+    generated, nonfinite, records = 0, [], []
+    start = time.time()
+    bar = tqdm.tqdm(total=len(todo), unit='img', disable=(not progress) or rank != 0, desc='diffrs', dynamic_ncols=True)
+    draw = lambda pos: draw_inputs(net_shape, net.label_dim, [todo[p] for p in pos], device, class_idx)[:2]
+    for pos, images, _, recs in rs.generate(todo, draw, th, batch=max_batch_size, device=device):
+        finite = torch.isfinite(images).flatten(1).all(dim=1).cpu().tolist()
+        group = [todo[p] for p in pos]
+        kept = [dict(r, image=relpaths[s].replace(os.sep, '/')) for s, ok, r in zip(group, finite, recs) if ok]
+        sel.append_records(outdir, rank, kept, name=diffrs.RECORD_NAME)  # Before the images, as selection's.
+        records += kept
+        for s, ok, im in zip(group, finite, fileio.to_uint8(images)):
+            if ok:
+                fileio.save_png(os.path.join(outdir, relpaths[s]), im)
+                generated += 1
+            else:
+                nonfinite.append(s)
+        bar.update(len(group))
+    bar.close()
+    if npz:
+        for batch in batches:
+            shard_path = os.path.join(outdir, 'shards', fileio.shard_name(batch)) if batch else None
+            if batch and not os.path.isfile(shard_path) and not any(s in nonfinite for s in batch):
+                samples = np.stack([fileio.read_image(os.path.join(outdir, relpaths[s])) for s in batch])
+                lab = [-1 if labels[relpaths[s]] is None else labels[relpaths[s]] for s in batch]
+                fileio.save_npz_shard(shard_path, samples, lab, batch, keys=npz if isinstance(npz, str) else 'edm-dg',
+                                      label_dim=net.label_dim)
+
+    all_labels = dist.all_gather_object(labels)
+    all_records = dist.all_gather_object(records)
+    summary = None
+    if rank == 0:
+        merged = {}
+        for part in all_labels:
+            merged.update(part)
+        fileio.write_labels(outdir, merged)
+        path = sel.merge_records(outdir, [r for part in all_records for r in part], name=diffrs.RECORD_NAME)
+        wanted = {fileio.image_relpath(s, subdirs).replace(os.sep, '/') for s in seeds}
+        summary = diffrs.summarize([r for r in sel.read_records(path).values() if r.get('image') in wanted])
+        with open(path) as f:
+            text = f.read()
+        fileio.atomic_write_text(path, text + json.dumps(dict(summary=summary), sort_keys=True) + '\n')
+        log(f'DiffRS: {summary["images"]} images, mean NFE per image {summary.get("mean_nfe", 0):.2f} '
+            f'({summary.get("mean_nfe_total", 0):.2f} with rejected attempts), {summary.get("restarts", 0)} restarts; '
+            f'acceptance per level ' + ' '.join('-' if a is None else f'{a:.3f}' for a in summary.get('acceptance', [])))
+    dist.barrier()
+    return dict(generated=generated, skipped=len(mine) - len(todo), nonfinite=nonfinite, seconds=time.time() - start,
+                rejection=summary)

@@ -30,9 +30,9 @@ def load_models(network_pkl, device, *, disc_path=None, classifier_path=None, tr
                          f'the DG release reads checkpoints/ADM_classifier/32x32_classifier.pt, the study '
                          f'guided_diffusion/model/32x32_classifier.pt)')
     if disc_path is None:
-        given = [name for name, value in (('--classifier', classifier_path), ('--lora_checkpoint', lora_checkpoint)) if value]
+        given = [(name, value) for name, value in (('--classifier', classifier_path), ('--lora_checkpoint', lora_checkpoint)) if value]
         if given:
-            raise ValueError(f'{given[0]} given without --disc; pass the discriminator head as --disc (the release\'s '
+            raise ValueError(f'{given[0][1]}: {given[0][0]} given without --disc; pass the discriminator head as --disc (the release\'s '
                              f'checkpoints/discriminator/cifar_uncond/discriminator_60.pt, or --discriminator_checkpoint as the study names it)')
     if dist.get_rank() != 0:
         dist.barrier()
@@ -55,6 +55,41 @@ def load_models(network_pkl, device, *, disc_path=None, classifier_path=None, tr
         raise ValueError(f'{disc_path}: the head is {kind} but --cond/--conditional={int(bool(disc_cond))}; '
                          f'pass --cond={int(disc.cond)} or drop it (edm-dg reads the kind from the file)')
     return net, disc
+
+def load_guide(gnet_pkl, net, device, *, network_pkl='--network', trust_pickle=False, log=None):
+    """The frozen guide network of --gnet (EDM or EDM2 pickle, the same loader as --network), checked against net."""
+    log = log or dist.print0
+    if dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        log(f'Loading guide network from "{gnet_pkl}"...')
+        guide = load_network_pickle(gnet_pkl, trust_pickle=trust_pickle, verbose=(dist.get_rank() == 0))
+        guide = guide.eval().requires_grad_(False).to(device)
+    finally:
+        if dist.get_rank() == 0:
+            dist.barrier()
+    check_guide(net, guide, network_pkl, gnet_pkl)
+    return guide
+
+def check_guide(net, guide, network_pkl='--network', gnet_pkl='--gnet'):
+    """Refuse a guide that denoises other images than net: resolution, channels, classes (0 = unconditional is fine)."""
+    shape = lambda n: f'{n.img_channels}x{n.img_resolution}x{n.img_resolution}'
+    if (guide.img_resolution, guide.img_channels) != (net.img_resolution, net.img_channels):
+        raise ValueError(f'--gnet={gnet_pkl}: the guide makes {shape(guide)} images but {network_pkl} makes {shape(net)}; '
+                         f'pass a guide of the same resolution and channels')
+    if guide.label_dim and guide.label_dim != net.label_dim:
+        has = f'{net.label_dim} classes' if net.label_dim else 'no classes (unconditional)'
+        raise ValueError(f'--gnet={gnet_pkl}: the guide is conditioned on {guide.label_dim} classes but {network_pkl} has {has}; '
+                         f'pass a guide with the same classes, or an unconditional one (classifier-free guidance)')
+
+def check_fast_paths(net, precision='fp32', channels_last=False, compile_nets=False, network_pkl='--network'):
+    """Refuse --precision/--channels_last/--compile for EDM2 networks: they choose their own precision (use_fp16)."""
+    from .pickles import EDM2Network
+    given = [o for o, on in (('--precision', precision not in (None, 'fp32')), ('--channels_last', channels_last),
+                             ('--compile', compile_nets)) if on]
+    if given and isinstance(net, EDM2Network):
+        raise ValueError(f'{given[0]} applies to EDM networks; {network_pkl} is an EDM2 network, which runs its U-Net in '
+                         f'float16 on CUDA as its pickle says (use_fp16): drop {given[0]} (--disc_precision still applies)')
 
 def time_convention_line(disc):
     """One line: which time the classifier is fed, where that came from, and how to change it."""

@@ -10,15 +10,10 @@ built-in default.
 import click
 
 from .precision import PRECISIONS
+from .presets import DG_PRESETS, EDM2_PRESETS
 
-# Published DG settings in one word (Kim et al. 2023, Table 2 and the release's scripts).
-PRESETS = {
-    'edm-g++-cifar10-uncond': dict(sampler='heun', num_steps=18, dg_weight_1st_order=2.0, dg_weight_2nd_order=0.0,
-                                   time_min=0.01, time_max=1.0, boosting=0),
-    'edm-g++-cifar10-cond': dict(sampler='heun', num_steps=18, dg_weight_1st_order=1.0, dg_weight_2nd_order=0.0,
-                                 time_min=0.01, time_max=1.0, boosting=1, boost_S_churn=4.0, boost_S_noise=1.0,
-                                 boost_period=5, boost_weight_period=2),
-}
+PRESETS = DG_PRESETS  # Published DG settings in one word (edm_dg/presets.py).
+PRESET_NAMES = sorted(DG_PRESETS) + sorted(EDM2_PRESETS)  # --preset: DG's sampler settings, or EDM2's networks and guidance
 
 SAMPLER_NAMES = ('heun', 'euler', 'dpmpp2m', 'restart')
 
@@ -73,8 +68,16 @@ DG_WEIGHT_1 = click.option('--dg_weight_1st_order', '--w', '--w_dg_1', 'dg_weigh
 TIME_MIN = click.option('--time_min', '--time_mid', 'time_min', help='DG off below this VP time (the study\'s --time_mid)  [default: 0.01]', metavar='FLOAT', type=UNIT, default=None)
 TIME_MAX = click.option('--time_max', help='DG off above this VP time  [default: 1]', metavar='FLOAT', type=UNIT, default=None)
 
+# Guidance by a second network (edm_dg/sampling/guides.py), EDM2's option names; composed with DG by build_chain.
+guidance_options = _stack(
+    click.option('--gnet', 'gnet', help='Guide network pickle (EDM or EDM2): the unconditional net gives classifier-free guidance, a smaller or shorter-trained one autoguidance; needs --guidance  [default: none]', metavar='PATH|URL', type=str, default=None),
+    click.option('--guidance', help='Guidance weight w of D_g + w (D - D_g); 1 is the main net alone (the guide is then not evaluated)  [default: 1, or the EDM2 preset\'s]', metavar='FLOAT', type=float, default=None),
+    click.option('--guidance_interval', help='Guide only for sigma_lo <= sigma <= sigma_hi (Kynkäänniemi et al. 2024), the main net alone elsewhere, e.g. 0.28,2.9  [default: every level]', metavar='LO,HI', type=str, default=None),
+)
+
 dg_options = _stack(
-    click.option('--preset', help='Published DG settings in one word; explicit options override them', type=click.Choice(sorted(PRESETS)), default=None),
+    click.option('--preset', help='Published settings in one word: the DG paper\'s (edm-g++-*: sampler and DG weights) or EDM2\'s (edm2-*: --network, --gnet and --guidance, as its generate_images.py); explicit options override them', type=click.Choice(PRESET_NAMES), default=None),
+    guidance_options,
     disc_options,
     DG_WEIGHT_1,
     click.option('--dg_weight_2nd_order', '--w_dg_2', 'dg_weight_2nd_order', help='DG weight w2 at the Heun evaluation (heun only; the study\'s --w_dg_2 judged the first evaluation\'s point, edm-dg the second\'s)  [default: 0]', metavar='FLOAT', type=float, default=None),
@@ -237,19 +240,66 @@ def selection_settings(opts, num_steps=None, guided=False):
                          f'(with --steps={num_steps}, step {num_steps - 1} ends at sigma=0)')
     return dict(chains=max(particles, best_of), resample_steps=steps, best=best_of > 1)
 
+GUIDANCE_KEYS = ('gnet', 'guidance', 'guidance_interval')
+
+def pop_guidance_options(kwargs):
+    """Remove --gnet, --guidance and --guidance_interval from a command's kwargs; returns them as a dict."""
+    return {k: kwargs.pop(k, None) for k in GUIDANCE_KEYS}
+
+def guidance_settings(opts, network_pkl, sampler_opts):
+    """(network_pkl, gnet_pkl, dict(guidance, guidance_interval)): explicit options > EDM2 preset.
+
+    An EDM2 preset in sampler_opts['preset'] is taken out of it (it names
+    networks, not sampler settings) and supplies --network, --gnet and
+    --guidance where they are not given. gnet_pkl is None when nothing guides.
+    Raises ValueError naming the option at fault.
+    """
+    import math
+    from .sampling.guides import parse_interval
+    named = sampler_opts.get('preset')
+    preset = EDM2_PRESETS.get(named) if named else None
+    if preset is not None:
+        del sampler_opts['preset']
+        net_url, gnet_url = preset.urls()
+        network_pkl = network_pkl or net_url
+    gnet, guidance = opts.get('gnet'), opts.get('guidance')
+    if gnet is not None and guidance is None and preset is None:
+        raise ValueError(f'--gnet={gnet} given without --guidance: pass the weight, e.g. --guidance=2 (1: the main net alone)')
+    if preset is not None:
+        gnet = gnet or gnet_url
+        guidance = preset.guidance if guidance is None else guidance
+    guidance = 1.0 if guidance is None else float(guidance)
+    if not math.isfinite(guidance):
+        raise ValueError(f'--guidance={guidance} is not a finite number')
+    if gnet is None and guidance != 1:
+        raise ValueError(f'--guidance={guidance:g} weighs the main net against a guide network: pass --gnet=PKL '
+                         f'(the unconditional net for classifier-free guidance, a smaller one for autoguidance)')
+    interval = opts.get('guidance_interval')
+    if interval is not None:
+        if gnet is None:
+            raise ValueError(f'--guidance_interval={interval} limits guidance by --gnet: pass --gnet and --guidance too')
+        interval = parse_interval(interval)
+    if network_pkl is None:
+        raise ValueError('--network is required: an EDM or EDM2 network pickle (or --preset=edm2-...)')
+    return network_pkl, gnet, dict(guidance=guidance, guidance_interval=interval)
+
 def pop_sampler_options(kwargs):
     """Remove the sampler and DG settings from a command's kwargs; returns them as a dict."""
     return {k: kwargs.pop(k) for k in SAMPLER_KEYS + DG_KEYS if k in kwargs}
 
-def sampler_settings(opts, label_dim, guided):
+def sampler_settings(opts, label_dim, guided, num_steps=None):
     """Resolved sampler settings (explicit > preset > default) for `edm_dg.sampling.sample`.
 
     label_dim picks the default w1 (2 unconditional, 1 conditional); guided says
-    whether a discriminator is loaded. Raises ValueError naming the option at fault.
+    whether a discriminator is loaded; num_steps is the network's default
+    steps (None: EDM's 18; EDM2 networks say 32). Raises ValueError naming the option at fault.
     """
     opts = dict(opts)
     named = opts.pop('preset', None)
+    if named in EDM2_PRESETS:
+        raise ValueError(f'--preset={named} names networks: resolve it with guidance_settings first')
     preset = dict(PRESETS[named]) if named else {}
+    defaults = dict(DEFAULTS) if num_steps is None else dict(DEFAULTS, num_steps=int(num_steps))
     adaptive = opts.pop('adaptive_weight', None)
     if adaptive:
         preset.update(ADAPTIVE_WEIGHT)
@@ -259,9 +309,9 @@ def sampler_settings(opts, label_dim, guided):
             raise ValueError(f'--solver={solver} contradicts --sampler={opts["sampler"]}; pass only --sampler')
         opts['sampler'] = solver
     out = {}
-    for key in set(opts) | set(preset) | set(DEFAULTS):
+    for key in set(opts) | set(preset) | set(defaults):
         value = opts.get(key)
-        out[key] = value if value is not None else preset.get(key, DEFAULTS.get(key))
+        out[key] = value if value is not None else preset.get(key, defaults.get(key))
     for key, value in out.items():
         if isinstance(value, float) and (value != value or (abs(value) == float('inf') and key != 'S_max')):
             raise ValueError(f'--{key}={value} is not a finite number')
@@ -279,3 +329,56 @@ def sampler_settings(opts, label_dim, guided):
         out['boosting'] = 0
     out['boosting'] = bool(out['boosting'])
     return {k: v for k, v in out.items() if v is not None}
+
+# Diffusion Rejection Sampling (edm_dg/sampling/diffrs.py, docs/compat.md §DiffRS) under the DiffRS release's option
+# names; its defaults are the release's.
+rejection_options = _stack(
+    click.option('--rejection', help='Rejection sampling: diffrs (Na et al. 2024) accepts or rejects every step of the heun/euler sampler with the discriminator\'s log density ratio; needs --disc; --w=0: plain transitions, else DG-guided ones  [default: none]', type=click.Choice(['none', 'diffrs']), default=None),
+    click.option('--rej_percentile', help='DiffRS gamma in [0, 1]: the thresholds are this quantile of the warm-up\'s log ratios; higher rejects more (release: 0; its README: 0.75)  [default: 0]', metavar='FLOAT', type=float, default=None),
+    click.option('--backsteps', help='Levels a rejected sample is re-noised up; 0 tests no transition. 1 is the release\'s default; in the analytic Gaussian test (data variance 0.25) --backsteps=STEPS recovers it and 1 ends at 0.31-0.36  [default: 1]', metavar='INT', type=click.IntRange(min=0), default=None),
+    click.option('--min_backsteps', help='Test only transitions into levels above this; 0 also tests the initial noise  [default: 0]', metavar='INT', type=click.IntRange(min=0), default=None),
+    click.option('--max_backsteps', help='Test only transitions into levels up to this  [default: --steps]', metavar='INT', type=click.IntRange(min=1), default=None),
+    click.option('--iter_warmup', help='Warm-up: the thresholds come from INT x 100 samples of the base sampler on streams disjoint from every seed  [default: 10]', metavar='INT', type=click.IntRange(min=1), default=None),
+    click.option('--max_iter', help='Network evaluations one attempt at a sample may use; a sample that would need more restarts from new noise (release README: 105 at 18 heun steps)  [default: no limit]', metavar='INT', type=click.IntRange(min=1), default=None),
+    click.option('--rej_thresholds', help='Reuse the thresholds of an earlier run (its diffrs_thresholds.json) instead of a warm-up; refused for another schedule or discriminator  [default: OUTDIR/diffrs_thresholds.json if there, else a warm-up]', metavar='PATH', type=str, default=None),
+)
+
+REJECTION_KEYS = ('rejection', 'rej_percentile', 'backsteps', 'min_backsteps', 'max_backsteps', 'iter_warmup', 'max_iter',
+                  'rej_thresholds')
+REJECTION_DEFAULTS = dict(rej_percentile=0.0, backsteps=1, min_backsteps=0, max_backsteps=None, iter_warmup=10, max_iter=None,
+                          rej_thresholds=None)
+
+def pop_rejection_options(kwargs):
+    """Remove the rejection options from a command's kwargs; returns them as a dict."""
+    return {k: kwargs.pop(k) for k in REJECTION_KEYS if k in kwargs}
+
+def rejection_settings(opts, settings=None, *, guided, selection=None):
+    """dict(rej_percentile, backsteps, min_backsteps, max_backsteps, iter_warmup, max_iter, rej_thresholds) for
+    edm_dg.generate, or None without --rejection=diffrs.
+
+    settings (sampler_settings' result; None: not resolved yet) and selection
+    (selection_settings') are checked against it; guided says whether a
+    discriminator is loaded. Raises ValueError naming the option at fault.
+    """
+    from .sampling.diffrs import check_percentile
+    given = [k for k in REJECTION_KEYS[1:] if opts.get(k) is not None]
+    if opts.get('rejection') in (None, 'none'):
+        if given:
+            raise ValueError(f'--{given[0]} is a DiffRS option: pass --rejection=diffrs too, or drop it')
+        return None
+    if not guided:
+        raise ValueError('--rejection=diffrs tests each step with the discriminator: pass --disc and --classifier '
+                         '(--w=0 for DiffRS without guidance)')
+    if selection is not None:
+        raise ValueError('--rejection=diffrs with --particles/--best_of: they are two ways to select with the discriminator; pass one')
+    out = {k: opts.get(k) if opts.get(k) is not None else REJECTION_DEFAULTS[k] for k in REJECTION_KEYS[1:]}
+    check_percentile(out['rej_percentile'])
+    if settings is not None:
+        if settings['sampler'] not in ('heun', 'euler'):
+            raise ValueError(f'--sampler={settings["sampler"]}: --rejection=diffrs steps with heun or euler; pass --sampler=heun')
+        if settings.get('boosting'):
+            raise ValueError('--boosting with --rejection=diffrs: boosting acts on whole batches of one level; drop --boosting')
+        if out['max_backsteps'] is not None and out['max_backsteps'] > settings['num_steps']:
+            raise ValueError(f'--max_backsteps={out["max_backsteps"]}: above --steps={settings["num_steps"]}; '
+                             f'pass at most {settings["num_steps"]} or drop it')
+    return out

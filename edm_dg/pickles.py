@@ -198,10 +198,14 @@ class EDM2Network(torch.nn.Module):
     EDM2 networks take any noise level and EDM2's sampler rounds none, so
     sigma_min = 0, sigma_max = inf and `round_sigma` is the identity: EDM's
     schedule then has exactly the requested bounds. Calls pass through, so the
-    output is EDM2's float32 `D`.
+    output is EDM2's float32 `D`. EDM2's sampler keeps its state in float32 and
+    draws churn noise only at steps that churn: `sampling_dtype` and
+    `noise_every_step` tell edm_dg.sampling.edm_sampler so.
     """
 
     sigma_min, sigma_max = 0.0, float('inf')
+    sampling_dtype, noise_every_step = torch.float32, False
+    default_num_steps = 32  # EDM2's generate_images.py (EDM's is 18)
 
     def __init__(self, net):
         super().__init__()

@@ -20,7 +20,7 @@ from .disc_checkpoint import load_discriminator
 from .generate import generate
 
 SWEEPABLE = ('S_churn', 'S_min', 'S_max', 'S_noise', 'num_steps', 'dg_weight_1st_order', 'dg_weight_2nd_order',
-             'time_min', 'time_max', 'boost_S_churn', 'boost_S_noise', 'boost_period', 'boost_weight_period')
+             'time_min', 'time_max', 'boost_S_churn', 'boost_S_noise', 'boost_period', 'boost_weight_period', 'guidance')
 
 def read_csv(path):
     if not os.path.isfile(path):

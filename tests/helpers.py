@@ -40,24 +40,24 @@ def save_edm_pickle(net, path):
         pickle.dump(dict(ema=net, loss_fn=loss.EDMLoss(), augment_pipe=None, dataset_kwargs=dnnlib.EasyDict()), f)
     return path
 
+def nonzero_init(module, std=0.02):
+    """ADM zero-initialises the last layer of each residual block; random values there make every path matter."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.abs().sum() == 0 and p.ndim > 1:
+                p.normal_(0, std)
+    return module
+
 def tiny_classifier(res=16, channels=3, seed=0, width=64, num_classes=10):
     torch.manual_seed(seed)
     net = EncoderUNet.from_create_classifier_args(image_size=res, in_channels=channels, classifier_width=width,
                                                   classifier_depth=1, out_channels=num_classes).eval()
-    with torch.no_grad():  # Non-zero residual outputs so gradients are informative.
-        for p in net.parameters():
-            if p.abs().sum() == 0 and p.ndim > 1:
-                p.normal_(0, 0.02)
-    return net
+    return nonzero_init(net)
 
 def tiny_discriminator(classifier, cond=False, seed=1, num_classes=10):
     torch.manual_seed(seed)
     head = make_head(classifier.feature_channels, classifier.feature_resolution, cond=cond, width=64, depth=1, num_classes=num_classes)
-    with torch.no_grad():
-        for p in head.parameters():
-            if p.abs().sum() == 0 and p.ndim > 1:
-                p.normal_(0, 0.02)
-    return Discriminator(classifier, head.eval()).eval()
+    return Discriminator(classifier, nonzero_init(head).eval()).eval()
 
 def run_cli(args, timeout=600, env=None, cwd=None):
     """Run a command with the project on PYTHONPATH; returns CompletedProcess."""
@@ -197,7 +197,7 @@ class TinyDetector(torch.nn.Module):
         return torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 2).flatten(1)
 
 #----------------------------------------------------------------------------
-# Tolerances against recorded fixtures, and the agreement of images made in different batches.
+# Tolerances against recorded fixtures.
 
 EPS32 = torch.finfo(torch.float32).eps  # 2^-23: float32's relative rounding step
 
@@ -247,24 +247,14 @@ def release_classifier(seed=0, width=64, depth=2):
     from edm_dg.layouts import ADM_CLASSIFIERS
     torch.manual_seed(seed)
     args = dict(ADM_CLASSIFIERS['32x32_classifier'], classifier_width=width, classifier_depth=depth)
-    net = EncoderUNet.from_create_classifier_args(**args).eval()
-    with torch.no_grad():  # Non-zero residual outputs so that features and gradients are informative.
-        for p in net.parameters():
-            if p.abs().sum() == 0 and p.ndim > 1:
-                p.normal_(0, 0.02)
-    return net
+    return nonzero_init(EncoderUNet.from_create_classifier_args(**args).eval())
 
 def release_head(classifier, cond=False, seed=1, width=64):
     """The release's head layout (edm_dg.layouts.DG_HEAD) on these features; conditional heads embed 1000 classes."""
     from edm_dg.layouts import DG_HEAD
     torch.manual_seed(seed)
     args = dict(DG_HEAD, in_channels=classifier.feature_channels, classifier_width=width, condition=cond, num_classes=1000)
-    head = EncoderUNet.from_create_classifier_args(**args).eval()
-    with torch.no_grad():
-        for p in head.parameters():
-            if p.abs().sum() == 0 and p.ndim > 1:
-                p.normal_(0, 0.02)
-    return head
+    return nonzero_init(EncoderUNet.from_create_classifier_args(**args).eval())
 
 def study_adapters(classifier, rank, seed=2, scale=0.05):
     """An adapter-only state dict as the study's loralib files hold it, built from docs/compat.md §6 alone.
@@ -416,6 +406,9 @@ def invoke(command, args):
     result = CliRunner().invoke(command, args, catch_exceptions=False)
     text = result.output + (result.stderr if result.stderr_bytes is not None and result.stderr not in result.output else '')
     return result.exit_code, text, [l for l in text.splitlines() if l.startswith('Error:')]
+
+#----------------------------------------------------------------------------
+# The agreement of images made in different batches or processes.
 
 ROUNDING_SHARE = 0.01
 

@@ -1,4 +1,4 @@
-"""Run under torchrun by test_sampler_choice.py: every sampler through generate_dg.run into OUT/<sampler>."""
+"""Run under torchrun by test_sampler_cli.py: every sampler through generate_dg.run into OUT/<sampler>."""
 
 import os
 import sys

@@ -1,4 +1,4 @@
-"""Issue #14, 64x64 end to end: EDM's ImageNet-64, FFHQ-64 and AFHQv2-64 networks, OpenAI's 64x64
+"""64x64 end to end: EDM's ImageNet-64, FFHQ-64 and AFHQv2-64 networks, OpenAI's 64x64
 ADM classifier as feature extractor and 8x8 heads, through generate_dg.py, train_disc.py, fid.py
 and nll.py, with one time convention from training to sampling.
 

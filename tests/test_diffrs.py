@@ -16,7 +16,8 @@ from edm_dg.sampling import DGDenoiser, edm_sampler, edm_schedule, log_ratio
 from edm_dg.sampling import diffrs as R
 from edm_dg.sampling.edm import edm_step
 from edm_dg.sampling.hooks import GAMMA_MAX
-from helpers import GaussianDenoiser, GaussianRatioDiscriminator
+from edm_dg.generate import draw_inputs
+from helpers import GaussianDenoiser, GaussianRatioDiscriminator, tiny_classifier, tiny_discriminator, tiny_edm
 
 S_R, S_M = 0.5, 1.0
 
@@ -24,11 +25,12 @@ def latents_for(n, shape, seed=0):
     return torch.randn([n, *shape], generator=torch.Generator().manual_seed(seed))
 
 class LabelShift(GaussianDenoiser):
-    """The model's denoiser moved by 0.05 * class: output depends on the label, so labels must follow their slots."""
+    """The model's denoiser moved by 0.005 * class (the images by about 0.05 * class): output depends on the
+    label, so labels must follow their slots."""
 
     def forward(self, x, sigma, class_labels=None):
         out = super().forward(x, sigma).double()
-        return out if class_labels is None else out + 0.05 * class_labels.argmax(1).double().reshape(-1, 1, 1, 1)
+        return out if class_labels is None else out + 0.005 * class_labels.argmax(1).double().reshape(-1, 1, 1, 1)
 
 class LabelDisc(GaussianRatioDiscriminator):
     """The Bayes discriminator with a label-dependent logit offset."""
@@ -165,7 +167,7 @@ def test_start_acceptance_closed_form():
     assert all(r['tests'][1:] == [0] * 4 for r in res.records)
 
 SETTINGS = {
-    'heun': dict(num_steps=8, solver='heun', backsteps=1, rej_percentile=0.5, max_iter=45),
+    'heun': dict(num_steps=8, solver='heun', backsteps=1, rej_percentile=0.8),
     'euler-churn-budget': dict(num_steps=8, solver='euler', backsteps=2, min_backsteps=1, max_backsteps=7,
                                S_churn=4.0, max_iter=10, rej_percentile=0.8),
 }
@@ -229,6 +231,22 @@ def test_saved_thresholds_give_the_same_images(tmp_path):
     other = run(net, disc, lat, lab, thresholds=path, **dict(kw, rej_percentile=1.0))
     assert other.thresholds.M == R.Thresholds.load(path).at(1.0).M != first.thresholds.M
 
+def test_outdir_keeps_the_thresholds_of_its_run(tmp_path):
+    """Warm-up once, reuse on resume, copy a given file, refuse a file of other settings."""
+    net, disc = GaussianDenoiser(S_M), GaussianRatioDiscriminator(S_R, S_M)
+    rs = R.DiffRS(net, disc, num_steps=5, rej_percentile=0.6)
+    first = rs.outdir_thresholds(str(tmp_path / 'a'), iter_warmup=1, device='cpu', batch=50)
+    path = tmp_path / 'a' / R.THRESHOLDS_NAME
+    assert R.Thresholds.load(str(path)).to_dict() == first.to_dict()
+    again = rs.outdir_thresholds(str(tmp_path / 'a'), iter_warmup=99, device='cpu')  # resumed: no new warm-up
+    assert again.to_dict() == first.to_dict()
+    copied = rs.outdir_thresholds(str(tmp_path / 'b'), str(path), device='cpu')
+    assert copied.to_dict() == first.to_dict() and (tmp_path / 'b' / R.THRESHOLDS_NAME).is_file()
+    with pytest.raises(ValueError, match='--rej_percentile=0.9'):
+        R.DiffRS(net, disc, num_steps=5, rej_percentile=0.9).outdir_thresholds(str(tmp_path / 'a'), device='cpu')
+    with pytest.raises(ValueError, match='another schedule'):
+        R.DiffRS(net, disc, num_steps=6).outdir_thresholds(str(tmp_path / 'a'), device='cpu')
+
 def test_max_iter_bounds_every_seeds_nfe():
     net, disc = GaussianDenoiser(S_M), GaussianRatioDiscriminator(S_R, S_M)
     res = run(net, disc, latents_for(64, (1, 2, 2), seed=6), num_steps=8, rej_percentile=1.0, iter_warmup=1,
@@ -263,6 +281,30 @@ def test_guided_transition_window_is_per_sample():
     plain = run(net, disc, lat, thresholds=th, **kw)
     assert (plain.images - one.images).abs().max() > 1e-3  # guidance acted
 
+def test_networks_through_the_generate_loop_entry():
+    """A conditional EDM net, DG-guided, with an ADM discriminator's conditional head, seeds drawn as
+    generate does: each seed's record and image are the same in 1 slot and in 3."""
+    net = tiny_edm(label_dim=10).requires_grad_(False)
+    disc = tiny_discriminator(tiny_classifier(), cond=True).requires_grad_(False)
+    den = DGDenoiser(net, disc, 1.0)
+    rs = R.DiffRS(den, disc, num_steps=4, rej_percentile=0.5, S_churn=1.0, max_iter=21)
+    th = R.Thresholds(rs.t, rs.fingerprint, 0.5, [[0.2]] * 5, [[0.2]] * 5)  # M = M2 = 0.2, without a warm-up
+    seeds = [3, 1, 4, 1 + 2 ** 32, 5]
+    draw = lambda pos: draw_inputs([3, 16, 16], 10, [seeds[p] for p in pos], 'cpu')[:2]
+    out = {}
+    for batch in (1, 3):
+        got = [(p, im, lab, rec) for ps, ims, labs, recs in rs.generate(seeds, draw, th, batch=batch, device='cpu')
+               for p, im, lab, rec in zip(ps, ims, labs, recs)]
+        out[batch] = {p: (im, lab, rec) for p, im, lab, rec in got}
+        assert sorted(out[batch]) == list(range(len(seeds)))
+    for p in range(len(seeds)):
+        (a, la, ra), (b, lb, rb) = out[1][p], out[3][p]
+        assert ra == rb and torch.equal(la, lb)
+        # float32 convolutions over batches of 1 and of 3 sum in other orders (docs/compat.md §2.1).
+        assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+    assert torch.equal(out[1][3][1], draw([3])[1][0])  # the label is the seed's own
+    assert sum(sum(r['rejections']) for _, _, r in out[1].values()) > 0
+
 #----------------------------------------------------------------------------
 # Bad inputs: one-line ValueErrors that name the option.
 
@@ -277,6 +319,11 @@ def test_bad_settings_are_one_line_errors(kw, needle):
     with pytest.raises(ValueError) as e:
         R.DiffRS(GaussianDenoiser(S_M), GaussianRatioDiscriminator(S_R, S_M), num_steps=8, **kw)
     assert needle in str(e.value) and '\n' not in str(e.value)
+
+def test_warmup_needs_a_batch():
+    rs = R.DiffRS(GaussianDenoiser(S_M), GaussianRatioDiscriminator(S_R, S_M), num_steps=4)
+    with pytest.raises(ValueError, match='--iter_warmup=0'):
+        rs.warmup(0, device='cpu')
 
 def test_thresholds_of_another_schedule_or_discriminator_are_refused(tmp_path):
     net, disc = GaussianDenoiser(S_M), GaussianRatioDiscriminator(S_R, S_M)

@@ -1,4 +1,4 @@
-"""Discriminator training diagnostics (issue #14): per-time loss/accuracy, log-ratio histogram, chance warning."""
+"""Discriminator training diagnostics: per-time loss/accuracy, log-ratio histogram, chance warning."""
 
 import os
 

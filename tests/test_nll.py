@@ -126,7 +126,7 @@ def test_release_layout_discriminator_same_on_both_paths(release_disc):
 # DG in the drift through a release-layout discriminator.
 
 def test_nll_with_release_layout_discriminator_batch_1(release_disc):
-    """The crash of issue #12: DG's divergence needs a double backward through ADM attention."""
+    """DG's divergence in the NLL needs a double backward through ADM attention."""
     net = tiny_edm(res=16)
     x = dequantize(torch.randint(0, 256, (1, 3, 16, 16), generator=torch.Generator().manual_seed(2), dtype=torch.uint8),
                    torch.Generator().manual_seed(3))

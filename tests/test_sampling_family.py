@@ -1,6 +1,6 @@
 """edm_dg.sampling as a family: every solver over an arbitrary denoiser chain, one hook path, one score function.
 
-The toy problem is the Gaussian one of test_samplers.py (an exact denoiser);
+The toy problem is the Gaussian one of test_solvers.py (an exact denoiser);
 the discriminators are analytic, so scores and gradients have closed forms.
 """
 

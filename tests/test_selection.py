@@ -1,4 +1,4 @@
-"""Discriminator-based selection (edm_dg.selection): particle resampling and best-of-N, seed-exact.
+"""Discriminator-based selection (edm_dg.sampling.selection): particle resampling and best-of-N, seed-exact.
 
 The resampling tests use one-pixel data from the two-mode mixture
 0.5 N(-1, s^2) + 0.5 N(+1, s^2), whose denoiser is exact:

@@ -116,7 +116,7 @@ def test_torchrun_two_processes(data, tmp_path):
     assert [f for f in files if f.startswith('disc-')] == ['disc-0001.pt', 'disc-0002.pt']
     assert [m['epoch'] for m in read_metrics(str(tmp_path / 'run'))] == [1, 2]
     config = torch.load(tmp_path / 'run' / 'disc-0002.pt', weights_only=True)['config']
-    assert (config['world_size'], config['batch_per_process'], config['num']) == (2, 16, 64)  # each rank half of each batch
+    assert (config['world_size'], config['batch_per_process'], config['num']) == (2, 32, 64)  # --batch per process, 64 of each kind
     # The checkpoint samples directly in generate_dg.py.
     from helpers import save_edm_pickle, tiny_edm
     net = save_edm_pickle(tiny_edm(), str(tmp_path / 'net.pkl'))

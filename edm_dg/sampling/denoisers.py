@@ -35,15 +35,18 @@ Step = namedtuple('Step', ['index', 'order', 'sigma'])
 Step.__doc__ = """Host-side facts of one denoiser call: main step `index` (None outside a sampler), `order`
 (1: first evaluation of the step, 2: Heun's correction) and `sigma`, the host floats the call's sigma takes."""
 
-def nfe_of(den):
-    """Score-network evaluations one call of `den` costs."""
+def nfe_of(den, sigma=None):
+    """Score-network evaluations one call of `den` costs; at the host noise levels `sigma` (a tuple,
+    as `Step.sigma`) where the denoiser says (`nfe_at`, e.g. a guide only inside its interval)."""
+    if sigma is not None and hasattr(den, 'nfe_at'):
+        return den.nfe_at(tuple(sigma))
     return getattr(den, 'nfe', 1)
 
-def denoise(den, x, sigma, class_labels, step):
-    """`den(x, sigma, class_labels)` in float64, passing `step` to denoisers that take it."""
+def denoise(den, x, sigma, class_labels, step, dtype=torch.float64):
+    """`den(x, sigma, class_labels)` in `dtype`, passing `step` to denoisers that take it."""
     if getattr(den, 'takes_step', False):
-        return den(x, sigma, class_labels, step=step).to(torch.float64)
-    return den(x, sigma, class_labels).to(torch.float64)
+        return den(x, sigma, class_labels, step=step).to(dtype)
+    return den(x, sigma, class_labels).to(dtype)
 
 def _host_sigmas(sigma):
     """sigma's values when reading them costs no device synchronisation, else None."""
@@ -74,9 +77,15 @@ class Denoiser(torch.nn.Module):
     img_channels = property(lambda self: self.net.img_channels)
     label_dim = property(lambda self: self.net.label_dim)
     nfe = property(lambda self: nfe_of(self.net))
+    sampling_dtype = property(lambda self: getattr(self.net, 'sampling_dtype', torch.float64))  # edm.edm_sampler's conventions
+    noise_every_step = property(lambda self: getattr(self.net, 'noise_every_step', True))
 
     def round_sigma(self, sigma):
         return self.net.round_sigma(sigma)
+
+    def nfe_at(self, sigma):
+        """Evaluations of a call at host levels sigma: the wrapped net's, where a subclass keeps its `nfe`."""
+        return nfe_of(self.net, sigma) if type(self).nfe is Denoiser.nfe else self.nfe
 
     def inner(self, x, sigma, class_labels=None, step=None, **model_kwargs):
         """The wrapped denoiser's output in x's dtype."""

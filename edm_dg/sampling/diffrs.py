@@ -176,14 +176,13 @@ class DiffRS:
     max_iter: denoiser evaluations one attempt may use (None: no limit); a
     sample that would need more starts again from new noise.
     fingerprint: the discriminator's name in thresholds (default
-    `discriminator_fingerprint`).
-    disc_labels: 'class' (the discriminator sees the class labels) or None.
+    `discriminator_fingerprint`). The discriminator sees the class labels.
     """
 
     def __init__(self, net, discriminator, *, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7,
                  S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, solver='heun',
                  rej_percentile=0.0, backsteps=1, min_backsteps=0, max_backsteps=None, max_iter=None,
-                 fingerprint=None, disc_labels='class'):
+                 fingerprint=None):
         if solver not in ('heun', 'euler'):
             raise ValueError(f'--solver={solver}: DiffRS steps with heun or euler')
         if discriminator is None:
@@ -197,13 +196,11 @@ class DiffRS:
         if int(max_backsteps) != max_backsteps or max_backsteps < 1:
             raise ValueError(f'--max_backsteps={max_backsteps}: must be an integer >= 1')
         self.net, self.discriminator, self.solver = net, discriminator, solver
-        self.num_steps = num_steps
         self.schedule_kwargs = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
         self.S_churn, self.S_min, self.S_max, self.S_noise = S_churn, S_min, S_max, S_noise
         self.rej_percentile = check_percentile(rej_percentile)
         self.backsteps, self.min_backsteps, self.max_backsteps = int(backsteps), int(min_backsteps), int(max_backsteps)
         self.fingerprint = discriminator_fingerprint(discriminator) if fingerprint is None else str(fingerprint)
-        self.disc_labels = disc_labels
 
         _, t = edm_schedule(net, **self.schedule_kwargs)
         n = len(t) - 1
@@ -215,7 +212,9 @@ class DiffRS:
         self.cost = [(2 if h else 1) * nfe_of(net) for h in self.heun]  # network evaluations of step k -> k+1
         self.rem = [sum(self.cost[k:]) for k in range(n + 1)]  # calls from level k to the end
         self.tested = [self.backsteps > 0 and self.min_backsteps < k <= self.max_backsteps for k in range(n + 1)]
-        if max_iter is not None and (int(max_iter) != max_iter or max_iter < self.rem[0]):
+        if max_iter is not None and int(max_iter) != max_iter:
+            raise ValueError(f'--max_iter={max_iter}: must be an integer')
+        if max_iter is not None and max_iter < self.rem[0]:
             raise ValueError(f'--max_iter={max_iter}: below one pass of the base sampler ({self.rem[0]} '
                              f'denoiser evaluations with {num_steps} {solver} steps); raise it')
         self.max_iter = None if max_iter is None else int(max_iter)
@@ -281,7 +280,6 @@ class DiffRS:
         return x_next
 
     def _score(self, x, levels, labels):
-        labels = labels if self.disc_labels == 'class' else None
         return log_ratio(self.discriminator, x, host_to_device(np.array([self.t[k] for k in levels]), x.device), labels).to(torch.float64)
 
     #------------------------------------------------------------------------
@@ -332,16 +330,18 @@ class DiffRS:
 
     @torch.no_grad()
     def generate(self, seeds, draw, thresholds, *, batch, device):
-        """Sample `seeds` in `batch` slots; yields (positions, images, records) as samples finish.
+        """Sample `seeds` in `batch` slots; yields (positions, images, labels, records) as samples finish.
 
         draw(positions) -> (latents [n,C,H,W], class labels [n,label_dim] or
         None) on device: the plain draws of seeds[p] (edm_dg.generate.draw_inputs).
-        positions index `seeds`; images are float64 on device; records (host
-        dicts, one per image): seed, nfe (evaluations of the attempt that made
-        the image, <= max_iter), nfe_total (all attempts), nfe_discarded
-        (evaluations of steps a failed retest made void), restarts, tests[k]
-        and rejections[k] per level k. A group is yielded once `batch` images
-        are ready and at the end.
+        Give it all the seeds at once: the slots are refilled from this queue,
+        and only its last samples leave slots idle.
+        Yields positions (indices into `seeds`), images (float64, on device),
+        their class labels (or None) and records (host dicts, one per image):
+        seed, nfe (network evaluations of the attempt that made the image,
+        <= max_iter), nfe_total (of all attempts), nfe_discarded (of steps a
+        failed retest made void), restarts, tests[k] and rejections[k] per
+        level k. A group is yielded once `batch` images are ready, and at the end.
         """
         th = self.thresholds_for(thresholds)
         seeds = [int(s) for s in seeds]
@@ -362,8 +362,8 @@ class DiffRS:
         queue = iter(range(len(seeds)))
         done = []
 
-        def dev(a, dtype=None):
-            return host_to_device(np.asarray(a) if dtype is None else np.asarray(a, dtype=dtype), device)
+        def dev(a):
+            return host_to_device(np.asarray(a), device)
 
         def fill(slots):
             """Give free slots the next seeds of the queue; returns the slots that got none."""
@@ -484,21 +484,49 @@ class DiffRS:
             if noise_rows:
                 ni = dev(noise_rows)
                 eps = dev(_normals(streams, noise_rows, x.shape[1:]))
-                x[ni] = self._column(noise_a, x) * x[ni] + self._column(noise_c, x) * eps
+                keep = self._column(noise_a, x) > 0  # new noise replaces the state, also a non-finite one
+                x[ni] = torch.where(keep, x[ni], torch.zeros_like(eps)) + self._column(noise_c, x) * eps
             if restart_rows:
                 L_prev[dev(restart_rows)] = 0
 
             # Finished samples leave; their slots take the next seeds.
             if finished:
                 fi = dev(finished)
-                images = xs[fi]
                 slots = act[finished].tolist()
-                done.append(([int(pos[r]) for r in slots], images, [record(r) for r in slots]))
+                done.append(([int(pos[r]) for r in slots], xs[fi], None if la is None else la[fi],
+                             [record(r) for r in slots]))
                 for r in fill(slots):
                     pos[r] = -1
             if done and (sum(len(d[0]) for d in done) >= B or (pos < 0).all()):
-                yield ([p for d in done for p in d[0]], torch.cat([d[1] for d in done]), [q for d in done for q in d[2]])
+                yield ([p for d in done for p in d[0]], torch.cat([d[1] for d in done]),
+                       None if labels is None else torch.cat([d[2] for d in done]), [q for d in done for q in d[3]])
                 done = []
+
+    def outdir_thresholds(self, outdir, rej_thresholds=None, *, iter_warmup=10, device, label_dim=0, class_idx=None,
+                          batch=WARMUP_BATCH):
+        """The thresholds of a run into `outdir`, kept in outdir/THRESHOLDS_NAME (one process calls this).
+
+        rej_thresholds (a path) is checked and copied there; else a file
+        already there (a resumed run) is reused; else the warm-up makes it.
+        A file there that does not match this run's settings is refused.
+        """
+        path = os.path.join(outdir, THRESHOLDS_NAME)
+        if rej_thresholds is not None:
+            th = self.thresholds_for(rej_thresholds)
+            if os.path.isfile(path) and Thresholds.load(path).to_dict() != th.to_dict():
+                raise ValueError(f'--rej_thresholds={rej_thresholds}: {path} holds other thresholds; '
+                                 f'use another --outdir or pass --rej_thresholds={path}')
+            th.save(path)
+            return th
+        if os.path.isfile(path):
+            th = self.thresholds_for(path)
+            if th.rej_percentile != Thresholds.load(path).rej_percentile:
+                raise ValueError(f'--rej_percentile={self.rej_percentile}: {path} was made with '
+                                 f'{Thresholds.load(path).rej_percentile}; use another --outdir')
+            return th
+        th = self.warmup(iter_warmup, device=device, label_dim=label_dim, class_idx=class_idx, batch=batch)
+        th.save(path)
+        return th
 
 #----------------------------------------------------------------------------
 # Library entry and the record.
@@ -507,7 +535,7 @@ def diffrs_sampler(
     net, latents, class_labels=None, seeds=None, *, discriminator, thresholds=None, iter_warmup=10, batch=None,
     num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1,
     solver='heun', rej_percentile=0.0, backsteps=1, min_backsteps=0, max_backsteps=None, max_iter=None,
-    fingerprint=None, disc_labels='class',
+    fingerprint=None,
 ):
     """Diffusion Rejection Sampling of one image per row of `latents`; returns Result(images, records, thresholds).
 
@@ -524,7 +552,7 @@ def diffrs_sampler(
     rs = DiffRS(net, discriminator, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
                 S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, solver=solver,
                 rej_percentile=rej_percentile, backsteps=backsteps, min_backsteps=min_backsteps,
-                max_backsteps=max_backsteps, max_iter=max_iter, fingerprint=fingerprint, disc_labels=disc_labels)
+                max_backsteps=max_backsteps, max_iter=max_iter, fingerprint=fingerprint)
     n, device = latents.shape[0], latents.device
     seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
     if len(seeds) != n:
@@ -536,13 +564,13 @@ def diffrs_sampler(
     thresholds = rs.thresholds_for(thresholds)
 
     def draw(rows):
-        idx = torch.as_tensor(rows, device=device)
+        idx = host_to_device(np.asarray(rows), device)
         return latents[idx], None if class_labels is None else class_labels[idx]
 
     images = torch.empty(latents.shape, dtype=torch.float64, device=device)
     records = [None] * n
-    for rows, ims, recs in rs.generate(seeds, draw, thresholds, batch=batch or n, device=device):
-        images[torch.as_tensor(rows, device=device)] = ims
+    for rows, ims, _, recs in rs.generate(seeds, draw, thresholds, batch=batch or n, device=device):
+        images[host_to_device(np.asarray(rows), device)] = ims
         for r, rec in zip(rows, recs):
             records[r] = rec
     return Result(images, records, thresholds)

@@ -42,8 +42,9 @@ class Guided(Denoiser):
     or wrappers), called with the same class labels (an unconditional guide
     ignores them). w = 1 is the main network alone. The attributes of the
     protocol come from `net`; `nfe` is the cost of a guided call (both
-    networks'); `evaluations` counts, on the host, the network evaluations of
-    the calls so far (outside the interval only the main network's).
+    networks'), `nfe_at(sigma)` that of a call at host levels sigma (outside
+    the interval only the main network's); `evaluations` counts, on the host,
+    the network evaluations of the calls so far.
     """
 
     def __init__(self, net, guide, w, sigma_lo=0.0, sigma_hi=math.inf):
@@ -61,6 +62,11 @@ class Guided(Denoiser):
         """Whether host noise level sigma lies in the guidance interval."""
         return self.sigma_lo <= sigma <= self.sigma_hi
 
+    def nfe_at(self, sigma):
+        """Evaluations of a call at the host levels `sigma`: the guide's only where one lies inside."""
+        guides = self.w != 1 and any(self.inside(float(s)) for s in sigma)
+        return nfe_of(self.net, sigma) + (nfe_of(self.guide, sigma) if guides else 0)
+
     def _guide(self, x, sigma, class_labels, step, **model_kwargs):
         if getattr(self.guide, 'takes_step', False):
             return self.guide(x, sigma, class_labels, step=step, **model_kwargs).to(x.dtype)
@@ -70,10 +76,9 @@ class Guided(Denoiser):
         denoised = self.inner(x, sigma, class_labels, step, **model_kwargs)
         hosts = _host_sigmas(sigma) if step is None or step.sigma is None else [float(s) for s in step.sigma]
         verdicts = None if hosts is None else {self.inside(s) for s in hosts}
+        self.evaluations += self.nfe if hosts is None and self.w != 1 else self.nfe_at(hosts or ())
         if self.w == 1 or verdicts == {False}:
-            self.evaluations += nfe_of(self.net)
             return denoised
-        self.evaluations += self.nfe
         guided = self._guide(x, sigma, class_labels, step, **model_kwargs).lerp(denoised, self.w)
         if verdicts == {True}:
             return guided

@@ -224,11 +224,11 @@ def sample_selected(net, latents, class_labels, rnd, seeds, *, chains, resample_
 #----------------------------------------------------------------------------
 # The record: selection.jsonl, one line per seed, merged over ranks and runs.
 
-def append_records(outdir, rank, records):
-    """Append records (with their image file) to this rank's partial file; one write per batch."""
+def append_records(outdir, rank, records, name=RECORD_NAME):
+    """Append records (with their image file) to this rank's partial file of record `name`; one write per batch."""
     if not records:
         return
-    path = os.path.join(outdir, f'selection-rank{int(rank)}.partial.jsonl')
+    path = os.path.join(outdir, f'{os.path.splitext(name)[0]}-rank{int(rank)}.partial.jsonl')
     text = ''.join(json.dumps(r, sort_keys=True) + '\n' for r in records)
     with open(path, 'a') as f:
         f.write(text)
@@ -249,15 +249,15 @@ def read_records(path):
                 continue
     return out
 
-def merge_records(outdir, records=()):
-    """Fold `records` and every rank's partial file (also a killed run's) into outdir/selection.jsonl.
+def merge_records(outdir, records=(), name=RECORD_NAME):
+    """Fold `records` and every rank's partial file (also a killed run's) into outdir/`name` (selection.jsonl).
 
     Written atomically, one line per seed in seed order (a later record of a
     seed replaces an earlier one); the partial files are removed. Returns the path.
     """
-    path = os.path.join(outdir, RECORD_NAME)
+    path = os.path.join(outdir, name)
     merged = read_records(path)
-    parts = sorted(glob.glob(os.path.join(outdir, PARTIAL_GLOB)))
+    parts = sorted(glob.glob(os.path.join(outdir, f'{os.path.splitext(name)[0]}-rank*.partial.jsonl')))
     for part in parts:
         merged.update(read_records(part))
     merged.update({int(r['seed']): r for r in records})
