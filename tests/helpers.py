@@ -430,3 +430,20 @@ def differ_beyond_rounding(a, b, share=ROUNDING_SHARE):
     """Whether uint8 images differ as different settings make them differ: by more than one gray level
     on more than the share that rounding may move."""
     return (np.abs(np.asarray(a).astype(np.int16) - np.asarray(b).astype(np.int16)) > 1).mean() > share
+
+def assert_imports_only(module, allowed_top=('numpy', 'torch')):
+    """The module's source (which travels in pickles and runs inside NVlabs' code) imports only the standard library,
+    the allowed packages and torch_utils.persistence."""
+    import ast
+    with open(module.__file__) as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module] if node.module != 'torch_utils' else [f'torch_utils.{a.name}' for a in node.names]
+        else:
+            continue
+        for n in names:
+            top = n.split('.')[0]
+            assert top in allowed_top or n == 'torch_utils.persistence' or top in sys.stdlib_module_names, n

@@ -6,14 +6,12 @@ which keeps the tests fast. The head's output layer is scaled up so that the tin
 spread by about 0.7 around +1 and steps are really rejected (the records show it).
 """
 
-import io
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import fid
 import generate_dg

@@ -7,7 +7,6 @@ code: `edm_sampler` at 8 steps over cond16, plain and guided by guide16 at w = 2
 """
 
 import functools
-import math
 import os
 import pickle
 
@@ -19,7 +18,7 @@ import dnnlib
 import fid
 import generate_dg
 import train_disc
-from helpers import (assert_same_up_to_rounding, differ_beyond_rounding, invoke, nonzero_init, tiny_classifier,
+from helpers import (differ_beyond_rounding, invoke, nonzero_init, tiny_classifier,
                      tiny_discriminator, tiny_edm, save_edm_pickle)
 from edm_dg import fileio
 from edm_dg.disc_checkpoint import discriminator_checkpoint, infer_encoder_args, read_weights

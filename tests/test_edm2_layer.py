@@ -6,7 +6,6 @@ four kinds with inputs, `D` and `logvar`; `edm2_layouts.json` the parameter layo
 of the 16 published configurations built by EDM2's code on the meta device.
 """
 
-import ast
 import functools
 import io
 import json
@@ -20,7 +19,7 @@ import pytest
 import torch
 
 import dnnlib
-from helpers import assert_close_to_fixture, float32_layers
+from helpers import assert_imports_only, assert_close_to_fixture, float32_layers
 from edm_dg import pickles
 from torch_utils import persistence
 from training import encoders, networks_edm2
@@ -149,19 +148,7 @@ def test_forced_weight_normalization_in_training_mode():
 @pytest.mark.parametrize('module', [networks_edm2, encoders])
 def test_embedded_source_imports_only_what_edm2_has(module):
     """The module source travels in pickles and runs inside NVlabs' EDM2: stdlib, numpy, torch, persistence only."""
-    with open(module.__file__) as f:
-        tree = ast.parse(f.read())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names = [node.module] if node.module != 'torch_utils' else [f'torch_utils.{a.name}' for a in node.names]
-        else:
-            continue
-        for n in names:
-            top = n.split('.')[0]
-            assert top in ('numpy', 'torch', 'diffusers') or n == 'torch_utils.persistence' \
-                or top in sys.stdlib_module_names, n
+    assert_imports_only(module, ('numpy', 'torch', 'diffusers'))
 
 #----------------------------------------------------------------------------
 # Encoders.

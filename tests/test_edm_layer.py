@@ -7,17 +7,15 @@ configurations. Matching both means state dicts and pickles move between the
 two code bases and give the same numbers (docs/compat.md).
 """
 
-import ast
 import functools
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-from helpers import assert_close_to_fixture, float32_layers
+from helpers import assert_imports_only, assert_close_to_fixture, float32_layers
 from training import loss, networks
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
@@ -161,15 +159,4 @@ def test_group_norm_min_channels_per_group():
 @pytest.mark.parametrize('module', [networks, loss])
 def test_embedded_source_imports_only_what_edm_has(module):
     """The module source travels in pickles and runs inside NVlabs' EDM: stdlib, numpy, torch, persistence only."""
-    with open(module.__file__) as f:
-        tree = ast.parse(f.read())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names = [node.module] if node.module != 'torch_utils' else [f'torch_utils.{a.name}' for a in node.names]
-        else:
-            continue
-        for n in names:
-            top = n.split('.')[0]
-            assert top in ('numpy', 'torch') or n == 'torch_utils.persistence' or top in sys.stdlib_module_names, n
+    assert_imports_only(module)

@@ -20,8 +20,7 @@ import train_disc
 from edm_dg import fileio
 from edm_dg.disc_checkpoint import load_discriminator
 from edm_dg.disc_training import train
-from helpers import (DATA, cache_url, invoke, link_tree, merge_adapters_by_hand, real_layout_files, release_classifier,
-                     release_head, study_adapters)
+from helpers import DATA, cache_url, invoke, link_tree, merge_adapters_by_hand, real_layout_files
 
 SEEDS = [0, 1, 2, 3]
 

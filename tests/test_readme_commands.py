@@ -169,7 +169,6 @@ TORCHRUN_SAFE_SPELLING = {'--num': '--num_images', '--run': '--run_dir'}
 def test_no_option_is_taken_by_torchrun():
     """torchrun's parser reads abbreviations of its own options anywhere in the line (`--num` becomes its
     --numa-binding), so no option of a command that runs under torchrun may be a prefix of one of torchrun's."""
-    import click
     import fid
     import generate_dg
     import nll
