@@ -34,9 +34,7 @@ def load_models(network_pkl, device, *, disc_path=None, classifier_path=None, tr
         if given:
             raise ValueError(f'{given[0][1]}: {given[0][0]} given without --disc; pass the discriminator head as --disc (the release\'s '
                              f'checkpoints/discriminator/cifar_uncond/discriminator_60.pt, or --discriminator_checkpoint as the study names it)')
-    if dist.get_rank() != 0:
-        dist.barrier()
-    try:
+    with dist.rank0_first():
         log(f'Loading network from "{network_pkl}"...')
         net = load_network_pickle(network_pkl, trust_pickle=trust_pickle, verbose=(dist.get_rank() == 0))
         net = net.eval().requires_grad_(False).to(device)
@@ -46,9 +44,6 @@ def load_models(network_pkl, device, *, disc_path=None, classifier_path=None, tr
             disc = load_discriminator(disc_path, classifier_path, device=device, time_schedule=disc_time, lora_alpha=lora_alpha,
                                       lora_checkpoint=lora_checkpoint, lora_rank=lora_rank)
             log(time_convention_line(disc))
-    finally:
-        if dist.get_rank() == 0:
-            dist.barrier()
     check_pair(net, disc, network_pkl, disc_path, classifier_path)
     if disc is not None and disc_cond is not None and bool(disc_cond) != disc.cond:
         kind = 'class-conditional' if disc.cond else 'unconditional'
@@ -59,15 +54,10 @@ def load_models(network_pkl, device, *, disc_path=None, classifier_path=None, tr
 def load_guide(gnet_pkl, net, device, *, network_pkl='--network', trust_pickle=False, log=None):
     """The frozen guide network of --gnet (EDM or EDM2 pickle, the same loader as --network), checked against net."""
     log = log or dist.print0
-    if dist.get_rank() != 0:
-        dist.barrier()
-    try:
+    with dist.rank0_first():
         log(f'Loading guide network from "{gnet_pkl}"...')
         guide = load_network_pickle(gnet_pkl, trust_pickle=trust_pickle, verbose=(dist.get_rank() == 0))
         guide = guide.eval().requires_grad_(False).to(device)
-    finally:
-        if dist.get_rank() == 0:
-            dist.barrier()
     check_guide(net, guide, network_pkl, gnet_pkl)
     return guide
 

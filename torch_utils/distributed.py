@@ -1,6 +1,7 @@
 """The one distributed helper: torchrun process groups (NCCL on CUDA, gloo on CPU), and workers that
 stop when their torchrun launcher does."""
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -101,6 +102,17 @@ def get_world_size():
 
 def get_local_rank():
     return int(os.environ.get('LOCAL_RANK', '0'))
+
+@contextlib.contextmanager
+def rank0_first():
+    """Rank 0 runs the block first (downloads land in the cache), then the other ranks run it, reading the cache."""
+    if get_rank() != 0:
+        barrier()
+    try:
+        yield
+    finally:
+        if get_rank() == 0:
+            barrier()
 
 def barrier():
     if is_initialized():
