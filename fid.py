@@ -9,9 +9,9 @@
 import click
 
 from torch_utils import distributed as dist
-from edm_dg import metrics
+from edm_dg import latents, metrics
 from edm_dg.cli import command_body
-from edm_dg.options import (batch_option, dg_options, guidance_settings, pop_disc_options, pop_guidance_options,
+from edm_dg.options import (ENCODER_BATCH, TRUST_PICKLE, VAE, batch_option, dg_options, guidance_settings, pop_disc_options, pop_guidance_options,
                             pop_rejection_options, pop_sampler_options, rejection_options, rejection_settings, runtime_options,
                             sampler_options, sampler_settings)
 from edm_dg.precision import fast_paths
@@ -31,14 +31,24 @@ DETECTOR = click.option('--detector', help='inception-2015-12-05.pkl path/URL, a
 @DETECTOR
 @click.option('--device', default=None, help='Device  [default: cuda if available]')
 @click.option('--json', 'json_out', help='Also write the result to this JSON file', metavar='PATH', default=None)
+@VAE
+@ENCODER_BATCH
+@TRUST_PICKLE
 @command_body
-def calc(image_path, ref_path, num, seed, batch, detector, device, json_out):
-    """Calculate FID of a set of images against reference statistics."""
+def calc(image_path, ref_path, num, seed, batch, detector, device, json_out, vae, encoder_batch, trust_pickle):
+    """Calculate FID of a set of images against reference statistics.
+
+    Latent shards (generate_dg.py --save_latents: pass OUTDIR/latents) are decoded first with the VAE they name or --vae.
+    """
     device = dist.init_device(device)
     mu_ref, sigma_ref = metrics.load_ref(ref_path)
     det = metrics.load_detector(detector, device, log=dist.print0)
     dist.print0(f'Detector: {det.name}')
-    mu, sigma = metrics.source_stats(image_path, det, num, seed, batch, device)
+    source = image_path
+    if latents.is_latent_shards(image_path, nested=False):
+        source = latents.DecodedLatents(image_path, vae=vae, device=device, batch_size=encoder_batch, trust=trust_pickle)
+        dist.print0(f'Decoding {len(source)} latents of {image_path} ({latents.describe(source.space)})...')
+    mu, sigma = metrics.source_stats(source, det, num, seed, batch, device)
     if mu.shape != mu_ref.shape:
         raise ValueError(f'{ref_path}: reference has {mu_ref.shape[0]}-d features but the detector gives {mu.shape[0]}-d; use the detector the reference was made with')
     fid = metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref)
@@ -71,7 +81,7 @@ def ref(dataset_path, dest_path, batch, detector, device):
 def _dg_eval_options(fn):
     """Options of `epochs` and `sweep` beyond the shared sampler, DG and runtime options."""
     opts = [
-        click.option('--network', 'network_pkl', help='EDM or EDM2 (pixel) network pickle  [default: the EDM2 --preset\'s]', metavar='PATH|URL', default=None),
+        click.option('--network', 'network_pkl', help='EDM or EDM2 (pixel or latent) network pickle  [default: the EDM2 --preset\'s]', metavar='PATH|URL', default=None),
         click.option('--ref', 'ref_path', help='Reference statistics (.npz with mu, sigma)', metavar='NPZ|URL', required=True),
         click.option('--outdir', help='Results folder (CSV, PNG, temporary images)', metavar='DIR', required=True),
         click.option('--seeds', help='Sampling seeds, the same for every point; disjoint from the seeds of the training fakes', metavar='LIST', default='0-9999', show_default=True),
@@ -79,6 +89,8 @@ def _dg_eval_options(fn):
         click.option('--keep_images', is_flag=True, help='Keep each point\'s images (default: delete once its FID is recorded)'),
         click.option('--allow_seed_overlap', is_flag=True, help='Evaluate even when --seeds overlap the seeds of the discriminator\'s training fakes (biased FID)'),
         DETECTOR,
+        VAE,
+        ENCODER_BATCH,
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -103,7 +115,8 @@ def _prepare(kw, disc_path, allow_seed_overlap):
     disc_opts = pop_disc_options(kw)
     from edm_dg.models import check_fast_paths, load_guide
     trust_pickle = kw.pop('trust_pickle')
-    net, disc = load_models(network_pkl, device, trust_pickle=trust_pickle, **dict(disc_opts, disc_path=disc_path))
+    net, disc = load_models(network_pkl, device, trust_pickle=trust_pickle, vae=kw.pop('vae'), encoder_batch=kw.pop('encoder_batch'),
+                            **dict(disc_opts, disc_path=disc_path))
     check_fast_paths(net, kw['precision'], kw['channels_last'], kw['compile_nets'], network_pkl)
     settings = sampler_settings(sampler_opts, net.label_dim, guided=True, num_steps=getattr(net, 'default_num_steps', None))
     if gnet_pkl is not None:  # Guidance by a second net goes with the sampler settings (sweep --param=guidance).

@@ -45,7 +45,7 @@ from edm_dg import fileio
 from edm_dg.cli import command_body
 from edm_dg.generate import generate
 from edm_dg.models import check_class, check_fast_paths, load_guide, load_models
-from edm_dg.options import (RESUME, batch_option, dg_options, guidance_settings, output_peer_options, pop_disc_options,
+from edm_dg.options import (ENCODER_BATCH, RESUME, SAVE_LATENTS, VAE, batch_option, dg_options, guidance_settings, output_peer_options, pop_disc_options,
                             pop_guidance_options, pop_sampler_options,
                             pop_selection_options, runtime_options, sampler_options, sampler_settings, seeds_from_peer_options,
                             selection_options, selection_settings, pop_rejection_options, rejection_options,
@@ -58,7 +58,7 @@ GRID_SEEDS = 100
 #----------------------------------------------------------------------------
 
 @click.command(help=__doc__)
-@click.option('--network', 'network_pkl',  help='EDM or EDM2 (pixel) network pickle, path or URL  [default: the EDM2 --preset\'s]', metavar='PATH|URL', type=str, default=None)
+@click.option('--network', 'network_pkl',  help='EDM or EDM2 (pixel or latent) network pickle, path or URL  [default: the EDM2 --preset\'s]', metavar='PATH|URL', type=str, default=None)
 @click.option('--outdir',                  help='Where to save the output images', metavar='DIR', type=str, required=True)
 @click.option('--seeds',                   help='Random seeds (e.g. 1,2,5-10)  [default: 0-63]', metavar='LIST', type=str, default=None)
 @click.option('--subdirs',                 help='Create subdirectory for every 1000 seeds', is_flag=True)
@@ -69,6 +69,9 @@ GRID_SEEDS = 100
 @selection_options
 @rejection_options
 @click.option('--npz',                     help='Also write compressed uint8 .npz shards (samples, label, seeds)', is_flag=True)
+@VAE
+@ENCODER_BATCH
+@SAVE_LATENTS
 @output_peer_options
 @RESUME
 @click.option('--grid',                    help='Also write a grid of the first 100 seeds\' images to this PNG', metavar='PATH', type=str, default=None)
@@ -79,6 +82,7 @@ def main(**kwargs):
     run(**kwargs)
 
 def run(network_pkl=None, outdir=None, seeds=None, subdirs=False, class_idx=None, max_batch_size=64, npz=False, num_samples=None,
+        vae=None, encoder_batch=4, save_latents=False,
         save_format=None, save_type=None, resume=True, grid=None, grid_compare=False, device=None, precision='fp32',
         disc_precision=None, channels_last=False, compile_nets=False, trust_pickle=False, log=None, **options):
     """generate_dg.py as a function: options as the command's parameter names."""
@@ -101,7 +105,8 @@ def run(network_pkl=None, outdir=None, seeds=None, subdirs=False, class_idx=None
     rejection_settings(rejection_opts, guided=disc_path is not None, selection=early_selection)
     device = dist.init_device(device)
     _check_writable(outdir)
-    net, disc = load_models(network_pkl, device, trust_pickle=trust_pickle, log=log, **disc_opts)
+    net, disc = load_models(network_pkl, device, trust_pickle=trust_pickle, vae=vae, encoder_batch=encoder_batch, log=log,
+                            **disc_opts)
     check_class(net, class_idx, network_pkl)
     check_fast_paths(net, precision, channels_last, compile_nets, network_pkl)
     gnet = None if gnet_pkl is None else load_guide(gnet_pkl, net, device, network_pkl=network_pkl, trust_pickle=trust_pickle, log=log)
@@ -123,7 +128,7 @@ def run(network_pkl=None, outdir=None, seeds=None, subdirs=False, class_idx=None
         from edm_dg.sampling.diffrs import discriminator_fingerprint
         sampler_kwargs['rejection'] = dict(rejection, fingerprint=discriminator_fingerprint(disc))
     stats = generate(fast_net, outdir, seeds, sampler_kwargs=sampler_kwargs, selection=selection,
-                     npz=npz, resume=resume, **common)
+                     npz=npz, save_latents=save_latents, resume=resume, **common)
     report(stats, log)
     if grid is not None:
         grid_seeds = seeds[:GRID_SEEDS]

@@ -56,7 +56,7 @@ def main(network_pkl, data, num, batch, num_steps, seed, dg_weight_1st_order, ti
     if time_min > time_max:
         raise ValueError(f'--time_min={time_min} is above --time_max={time_max}; pass time_min <= time_max')
     device = dist.init_device(device)
-    net, disc = load_models(network_pkl, device, trust_pickle=trust_pickle, **disc_opts)
+    net, disc = load_models(network_pkl, device, trust_pickle=trust_pickle, decode=False, **disc_opts)
     if disc is not None and dg_weight is None:
         dg_weight = 1.0 if net.label_dim else 2.0
     dg_weight = float(dg_weight or 0.0)

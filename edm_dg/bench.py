@@ -4,9 +4,13 @@ Real-size networks with seeded random weights: EDM's CIFAR-10 DDPM++ EDMPrecond
 (55.7 M parameters), the 32x32 ADM classifier and the released head layout.
 Same process, same inputs; warm-up excluded; median of repeats. --baseline adds
 guided sampling with the discriminator run as the DG release runs it; --diffrs adds DiffRS against
-plain Heun (images/s and NFE/image of both, the warm-up timed apart).
+plain Heun (images/s and NFE/image of both, the warm-up timed apart). --edm2=NAME times instead a published
+EDM2 layout (random weights, --edm2_channels to shrink it): plain, guided by the next smaller layout
+(autoguidance's cost), guided only inside EDM2's interval, guided + DG with a 64x64 ADM classifier layout (pixel
+layouts), and the VAE decode of a random sd-vae-ft-mse-layout VAE (latent layouts; --vae_layout=tiny for a tiny one).
 
     python -m edm_dg.bench --batch=4 --steps=6 [--baseline] [--diffrs] [--device=cuda --precision=bf16]
+    python -m edm_dg.bench --edm2=edm2-img64-s --batch=1 --steps=4
 """
 
 import math
@@ -22,10 +26,14 @@ from training import networks
 from . import vp
 from .adm import AttentionBlock, EncoderUNet
 from .discriminator import Discriminator, make_head
-from .layouts import ADM_CLASSIFIERS, edm_network
+from .layouts import ADM_CLASSIFIERS, EDM2_NETWORKS, edm2_network, edm_network
 from .precision import PRECISIONS, fast_paths
 from .sampling import diffrs, dg_sampler, edm_schedule, nfe, window_on_host
 from .sampling.score import log_ratio_vp
+
+# The VAE layouts for --vae_layout: sd-vae-ft-mse's (diffusers' AutoencoderKL defaults: 8x down-sampling) and a tiny one.
+VAE_LAYOUTS = {'sd-vae-ft-mse': dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+               'tiny': dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4)}
 
 def cifar10_ddpmpp(seed=0, label_dim=0):
     """EDM's CIFAR-10 DDPM++ configuration (train.py --arch=ddpmpp --precond=edm)."""
@@ -33,9 +41,10 @@ def cifar10_ddpmpp(seed=0, label_dim=0):
     cls, kwargs = edm_network('cifar10-32x32-uncond-vp', label_dim=label_dim)
     return getattr(networks, cls)(**kwargs).eval().requires_grad_(False)
 
-def released_discriminator(seed=0):
+def released_discriminator(seed=0, res=32):
+    """The release's classifier layout of resolution res (32 or 64) and its head layout, seeded random weights."""
     torch.manual_seed(seed)
-    cls = EncoderUNet.from_create_classifier_args(**ADM_CLASSIFIERS['32x32_classifier'])
+    cls = EncoderUNet.from_create_classifier_args(**ADM_CLASSIFIERS[f'{res}x{res}_classifier'])
     head = make_head(cls.feature_channels, cls.feature_resolution)
     with torch.no_grad():  # Random but non-degenerate: guided-diffusion zero-initialises some output layers.
         for p in list(cls.parameters()) + list(head.parameters()):
@@ -145,9 +154,14 @@ def sync(device):
 @click.option('--diffrs', 'with_diffrs', is_flag=True, help='Also time DiffRS (plain transitions) against plain Heun on 2 x --batch seeds: images/s and NFE/image')
 @click.option('--rej_percentile', type=click.FloatRange(0, 1), default=0.75, show_default=True, help='DiffRS gamma (with --diffrs)')
 @click.option('--max_iter', type=click.IntRange(min=1), default=None, help='DiffRS budget per attempt (with --diffrs)  [default: none]')
+@click.option('--edm2', 'edm2_name', type=click.Choice(sorted(EDM2_NETWORKS)), default=None, help='Time an EDM2 layout instead (pixel layouts: with DG too)')
+@click.option('--edm2_channels', type=click.IntRange(min=8), default=None, help='model_channels of --edm2 and its guide  [default: the published ones]')
+@click.option('--vae_layout', type=click.Choice(sorted(VAE_LAYOUTS)), default='sd-vae-ft-mse', show_default=True, help='Latent --edm2 layouts: the random VAE whose decode is timed')
 def main(device, batch, steps, repeats, precision, disc_precision, channels_last, compile_nets, w1, baseline, with_diffrs,
-         rej_percentile, max_iter):
+         rej_percentile, max_iter, edm2_name, edm2_channels, vae_layout):
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if edm2_name is not None:
+        return edm2_bench(edm2_name, edm2_channels, batch, steps, repeats, device, w1, vae_layout=vae_layout)
     disc_precision = disc_precision or precision
     net = cifar10_ddpmpp().to(device)
     disc = released_discriminator().to(device)
@@ -181,6 +195,83 @@ def main(device, batch, steps, repeats, precision, disc_precision, channels_last
         out['diffrs'] = diffrs_vs_plain(run_net, run_disc, batch, steps, repeats, device, rej_percentile, max_iter)
         print_diffrs(out['diffrs'], rej_percentile, max_iter, repeats)
     return out
+
+#----------------------------------------------------------------------------
+# EDM2 layouts (--edm2): plain, autoguided, guided in an interval, guided + DG.
+
+EDM2_GUIDES = {'xxl': 'xl', 'xl': 'l', 'l': 'm', 'm': 's', 's': 'xs', 'xs': 'xs', 'xxs': 'xxs'}
+EDM2_INTERVAL = (0.28, 2.9)  # Kynkaanniemi et al. 2024: guidance between these noise levels
+
+def edm2_bench(name, channels, batch, steps, repeats, device, w_dg=2.0, guidance=2.0, vae_layout='sd-vae-ft-mse'):
+    """Seconds per run, images/s and network evaluations per image of EDM2 sampling, plain vs. guided; for latent
+    layouts also the VAE decode of the batch."""
+    from training import networks_edm2
+    from .generate import draw_inputs
+    from .pickles import EDM2Network
+    from .sampling import build_chain, sample
+    from .sampling.hooks import SampleState
+    size = name.rsplit('-', 1)[-1]
+    guide_name = name[:-len(size)] + EDM2_GUIDES[size]
+    guide_name = guide_name if guide_name in EDM2_NETWORKS else name
+    def make(layout, seed):  # --edm2_channels shrinks the guide in the published proportion
+        kwargs = edm2_network(layout)[1]
+        if channels is not None:
+            share = kwargs['model_channels'] / edm2_network(name)[1]['model_channels']
+            kwargs['model_channels'] = max(8, int(round(channels * share / 8)) * 8)
+        torch.manual_seed(seed)
+        return EDM2Network(networks_edm2.Precond(**kwargs).eval().requires_grad_(False).to(device))
+    net, guide = make(name, 0), make(guide_name, 1)
+    res, C, L = net.img_resolution, net.img_channels, net.label_dim
+    latents, labels, _ = draw_inputs([C, res, res], L, list(range(batch)), device)
+    disc = None
+    if C == 3:  # A pixel model: DG with the 64x64 ADM classifier layout and the release's head layout.
+        disc = released_discriminator(res=res).to(device)
+    cases = {'plain': dict(), f'guided w={guidance}': dict(gnet=guide, guidance=guidance),
+             f'guided in {EDM2_INTERVAL}': dict(gnet=guide, guidance=guidance, guidance_interval=EDM2_INTERVAL)}
+    if disc is not None:
+        cases[f'guided + DG w_dg={w_dg}'] = dict(gnet=guide, guidance=guidance, discriminator=disc, dg_weight_1st_order=w_dg)
+    def run(kw):
+        def fn():
+            with torch.no_grad():
+                sample(net, latents, labels, num_steps=steps, **kw)
+            sync(device)
+        return fn
+    fns = [run(kw) for kw in cases.values()]
+    vae = None
+    if C == 4:  # A latent model: its decode, by a random VAE of sd-vae-ft-mse's layout (or a tiny one).
+        vae = random_vae(vae_layout, device)
+        def decode():
+            with torch.no_grad():
+                vae.decode(latents.to(torch.float32))
+            sync(device)
+        fns.append(decode)
+    medians, ratios = time_interleaved(fns, repeats)
+    params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+    print(f'device={device} {name} ({params(net):.1f} M parameters), guide {guide_name} ({params(guide):.1f} M), '
+          f'batch={batch} steps={steps}, EDM2 sampling conventions (float32 Heun)')
+    print(f'{"":<30}{"s/run":>9}{"images/s":>10}{"vs plain":>10}{"NFE/image":>11}')
+    out = {}
+    for (case, kw), t, r in zip(cases.items(), medians, ratios):
+        chain_kw = {k: v for k, v in kw.items() if k in ('gnet', 'guidance', 'guidance_interval')}
+        den, _ = build_chain(net, SampleState(), **chain_kw)
+        evals = nfe('heun', steps, den)
+        print(f'{case:<30}{t:>9.3f}{batch / t:>10.3f}{r:>10.3f}{evals:>11}')
+        out[case] = dict(seconds=t, ratio=r, nfe=evals)
+    if vae is not None:
+        print(f'{"VAE decode (" + vae_layout + f", {params(vae):.1f} M)":<30}{medians[-1]:>9.3f}{batch / medians[-1]:>10.3f}'
+              f'{ratios[-1]:>10.3f}{"":>11}   decode / plain sampling per image: {ratios[-1]:.3f}')
+        out['decode'] = dict(seconds=medians[-1], ratio=ratios[-1], layout=vae_layout)
+    return out
+
+def random_vae(layout, device, seed=0):
+    """A diffusers AutoencoderKL with seeded random weights in one of VAE_LAYOUTS (4 latent channels)."""
+    import diffusers
+    kw = VAE_LAYOUTS[layout]
+    torch.manual_seed(seed)
+    n = len(kw['block_out_channels'])
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=('DownEncoderBlock2D',) * n,
+                                  up_block_types=('UpDecoderBlock2D',) * n, **kw)
+    return vae.eval().requires_grad_(False).to(device)
 
 #----------------------------------------------------------------------------
 # DiffRS against plain Heun (--diffrs): the same seeds, the same process, interleaved rounds.

@@ -216,7 +216,8 @@ def discriminator_checkpoint(disc, classifier_sha256, classifier_args, lora_rank
                 head={k: v.detach().cpu().clone() for k, v in disc.head.state_dict().items()},
                 classifier_sha256=classifier_sha256, classifier_args=_args_to_plain(classifier_args),
                 time_schedule=disc.time_schedule, lora_rank=int(rank), lora_alpha=float(alpha),
-                lora=lora_lib.lora_state_dict(disc.classifier) if rank else {})
+                lora=lora_lib.lora_state_dict(disc.classifier) if rank else {},
+                space=getattr(disc, 'space', None) or {'kind': 'pixels'})
     if extra:
         ckpt.update(extra)
     return ckpt
@@ -306,4 +307,5 @@ def load_discriminator(disc_path, classifier_path, device='cpu', time_schedule=N
                               f'{classifier.feature_resolution}; pass the matching classifier')
     disc = Discriminator(classifier, head, schedule)
     disc.time_source = source  # 'option' (time_schedule given), 'checkpoint' (recorded) or 'default' (no record)
+    disc.space = obj.get('space') if own else None  # edm_dg.latents; None: pixels (the release's and the study's heads)
     return disc.eval().requires_grad_(False).to(device)

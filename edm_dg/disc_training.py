@@ -22,7 +22,7 @@ from torch_utils import distributed as dist
 from . import fileio
 from . import seed_provenance
 from . import lora as lora_lib
-from . import vp
+from . import latents, vp
 from .image_sets import load_image_set
 from .disc_checkpoint import discriminator_checkpoint, load_classifier, study_files
 from .discriminator import Discriminator, make_head, default_time_schedule
@@ -42,8 +42,22 @@ def load_pair(real_path, fake_path, num=None, cond=False, log=print):
     """
     real, real_labels = load_image_set(real_path, log=log)
     fake, fake_labels = load_image_set(fake_path, log=log)
+    return _pair(real_path, real, real_labels, fake_path, fake, fake_labels, num, cond, log)
+
+def load_latent_pair(real_path, fake_path, num=None, cond=False, space=None, vae=None, seed=0, device='cpu', log=print):
+    """load_pair for latents (edm_dg.latents): (latents, targets, labels, space).
+
+    The fakes (latent shards of generate_dg.py --save_latents) carry the space;
+    raw real latents (an EDM2 latent dataset) or real images encoded by `vae`
+    are standardised by it, or by `space` (from --encoder) when given.
+    """
+    fake, fake_labels, space = latents.load_latent_set(fake_path, space=space, vae=vae, seed=seed, device=device, log=log)
+    real, real_labels, _ = latents.load_latent_set(real_path, space=space, vae=vae, seed=seed + 1, device=device, log=log)
+    return (*_pair(real_path, real, real_labels, fake_path, fake, fake_labels, num, cond, log, 'latents'), space)
+
+def _pair(real_path, real, real_labels, fake_path, fake, fake_labels, num, cond, log, kind='images'):
     if real.shape[1:] != fake.shape[1:]:
-        raise ValueError(f'{fake_path}: images are {list(fake.shape[1:])} (C,H,W) but {real_path} has {list(real.shape[1:])}; '
+        raise ValueError(f'{fake_path}: {kind} are {list(fake.shape[1:])} (C,H,W) but {real_path} has {list(real.shape[1:])}; '
                          f'generate fakes at the real data\'s resolution and channel count')
     if cond:
         for path, labels in ((real_path, real_labels), (fake_path, fake_labels)):
@@ -52,9 +66,9 @@ def load_pair(real_path, fake_path, num=None, cond=False, log=print):
                                  f'drop --cond to train an unconditional discriminator')
     n = min(len(real), len(fake)) if num is None else num
     if n > min(len(real), len(fake)):
-        raise ValueError(f'--num={num} but only {len(real)} real ({real_path}) and {len(fake)} fake ({fake_path}) images exist')
+        raise ValueError(f'--num={num} but only {len(real)} real ({real_path}) and {len(fake)} fake ({fake_path}) {kind} exist')
     if len(real) != len(fake) and num is None:
-        log(f'Using {n} images of each kind (real has {len(real)}, fake has {len(fake)}).')
+        log(f'Using {n} {kind} of each kind (real has {len(real)}, fake has {len(fake)}).')
     real, fake = real[:n], fake[:n]
     labels = None
     if cond:
@@ -139,8 +153,12 @@ def train(outdir, real, fake, classifier_path, *, epochs=60, batch=128, lr=3e-4,
           num=None, lora_rank=0, lora_alpha=1.0, head_width=128, head_depth=2, num_classes=1000, seed=0,
           snap=1, precision='fp32', channels_last=False, resume=True, device='cpu', progress=True, log=print,
           stop_after_steps=None, time_schedule=None, eval_images=None, holdout=False, lora_checkpoint=None, export=None,
-          img_resolution=None):
+          img_resolution=None, encoder_pkl=None, vae=None, trust_pickle=False):
     """Train a discriminator; writes disc-EEEE.pt per snapshot, metrics.jsonl, training-curves.png.
+
+    Latents (edm_dg.latents): when the fakes are latent shards, or encoder_pkl
+    / vae are given, the discriminator learns on latents (load_latent_pair) and
+    its checkpoints record their space, which generate_dg.py checks against the model.
 
     batch is per process (the global batch is batch times the processes). An
     interrupted run in outdir is continued when resume, else started over.
@@ -179,13 +197,20 @@ def train(outdir, real, fake, classifier_path, *, epochs=60, batch=128, lr=3e-4,
                     os.remove(os.path.join(outdir, fn))
     dist.barrier()
 
-    images, targets, labels = load_pair(real, fake, num, cond, log)
+    space = None
+    if encoder_pkl is not None or vae is not None or latents.is_latent_source(fake) or latents.is_latent_source(real):
+        given = None if encoder_pkl is None else latents.space_of_pickle(encoder_pkl, trust_pickle)
+        images, targets, labels, space = load_latent_pair(real, fake, num, cond, given, vae, seed, device, log)
+        log(f'Training on latents {list(images.shape[1:])} ({latents.describe(space)}).')
+    else:
+        images, targets, labels = load_pair(real, fake, num, cond, log)
     fake_seeds = fake_seed_ranges(fake, len(images) // 2, log)  # held-out fakes included: their seeds are used too
     images, targets, labels, (eval_images_u8, eval_targets, eval_labels) = split_eval(images, targets, labels, eval_images, holdout)
     eval_n = len(eval_images_u8) // 2
     eval_set = 'held-out' if holdout else 'training'
     disc, sha, cls_args = build(classifier_path, cond, lora_rank, lora_alpha, head_width, head_depth, num_classes, seed,
                                 time_schedule, lora_checkpoint)
+    disc.space = space or dict(latents.PIXELS)
     lora_on = bool(lora_rank or lora_checkpoint)
     lora_rank = lora_lib.lora_config(disc.classifier)[0] if lora_on else 0
     log(f'Classifier time convention: {disc.time_schedule} (used in training and recorded in every checkpoint for sampling)')

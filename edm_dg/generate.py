@@ -16,6 +16,7 @@ import tqdm
 
 from torch_utils import distributed as dist
 from . import fileio
+from . import latents as latents_lib
 from .sampling import selection as sel
 from .sampling import sample
 
@@ -75,7 +76,7 @@ def rank_batches(seeds, max_batch_size, rank=0, world_size=1):
 #----------------------------------------------------------------------------
 
 def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_batch_size=64,
-             sampler_kwargs=None, selection=None, npz=False, resume=True, progress=True, log=print):
+             sampler_kwargs=None, selection=None, npz=False, save_latents=False, resume=True, progress=True, log=print):
     """Generate `seeds` into `outdir` (EDM file names) plus dataset.json labels.
 
     sampler_kwargs go to `edm_dg.sampling.sample` (sampler name, steps, DG
@@ -92,9 +93,19 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
     ranks and runs. max_batch_size still counts seeds.
 
     sampler_kwargs['rejection']: DiffRS settings (edm_dg.options.rejection_settings); see `generate_rejected`.
+
+    A latent network's output is decoded by its encoder (edm_dg.latents.to_uint8);
+    save_latents also writes each batch's final latents to outdir/latents/
+    (edm_dg.latents.save_latent_shard), a batch without its shard counting as not done.
     """
     sampler_kwargs = dict(sampler_kwargs or {})
     rejection = sampler_kwargs.pop('rejection', None)  # edm_dg.options.rejection_settings
+    space = latents_lib.space_of_net(net)
+    if save_latents and space['kind'] != 'latents':
+        raise ValueError('--save_latents: the network samples pixels, not latents; drop --save_latents (or --npz for image shards)')
+    if rejection is not None and save_latents:
+        raise ValueError('--save_latents with --rejection=diffrs is not supported: DiffRS finishes seeds out of batch order; '
+                         'generate the PNGs and drop --save_latents')
     if rejection is not None:
         if selection is not None:
             raise ValueError('--rejection=diffrs with --particles/--best_of: pass one of them')
@@ -117,7 +128,10 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
         latents, class_labels, rnd = draw_inputs(net_shape, net.label_dim, batch, device, class_idx)
         labels.update(_label_entries(batch, relpaths, class_labels))
         shard_path = os.path.join(outdir, 'shards', fileio.shard_name(batch)) if npz else None
+        latent_path = latents_lib.shard_path(outdir, batch) if save_latents else None
         todo = [s for s in batch if not (resume and os.path.isfile(os.path.join(outdir, relpaths[s])))]
+        if save_latents and not os.path.isfile(latent_path):
+            todo = list(batch)  # The shard needs every latent of the batch: sample them all (same images).
         skipped += len(batch) - len(todo)
         if not todo and not (npz and not os.path.isfile(shard_path)):
             continue
@@ -134,13 +148,16 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
                 kept = [dict(r, image=relpaths[s].replace(os.sep, '/')) for s, ok, r in zip(todo, finite, batch_records) if ok]
                 sel.append_records(outdir, rank, kept)
                 records += kept
-            for s, ok, im in zip(todo, finite, fileio.to_uint8(images)):
+            for s, ok, im in zip(todo, finite, latents_lib.to_uint8(net, images)):
                 if not ok:
                     nonfinite.append(s)
                     continue
                 fileio.save_png(os.path.join(outdir, relpaths[s]), im)
                 images_u8[s] = im
                 generated += 1
+            if save_latents and all(finite):
+                lab = [-1 if labels[relpaths[s]] is None else labels[relpaths[s]] for s in batch]
+                latents_lib.save_latent_shard(latent_path, images.cpu(), lab, batch, space)
         if npz and not any(s in nonfinite for s in batch):
             samples = np.stack([images_u8[s] if s in images_u8 else fileio.read_image(os.path.join(outdir, relpaths[s])) for s in batch])
             lab = [-1 if labels[relpaths[s]] is None else labels[relpaths[s]] for s in batch]
@@ -231,7 +248,7 @@ def generate_rejected(net, outdir, seeds, *, device, rejection, sampler_kwargs, 
         kept = [dict(r, image=relpaths[s].replace(os.sep, '/')) for s, ok, r in zip(group, finite, recs) if ok]
         sel.append_records(outdir, rank, kept, name=diffrs.RECORD_NAME)  # Before the images, as selection's.
         records += kept
-        for s, ok, im in zip(group, finite, fileio.to_uint8(images)):
+        for s, ok, im in zip(group, finite, latents_lib.to_uint8(net, images)):
             if ok:
                 fileio.save_png(os.path.join(outdir, relpaths[s]), im)
                 generated += 1

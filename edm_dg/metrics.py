@@ -143,8 +143,12 @@ def load_detector(spec=None, device='cpu', log=print):
 #----------------------------------------------------------------------------
 
 def source_stats(path, detector, num=None, seed=0, batch=64, device='cpu', progress=True):
-    """mu, sigma of detector features over `num` images of a source (EDM's seeded subset), split over ranks."""
-    src = image_sets.ImageSource(path)
+    """mu, sigma of detector features over `num` images of a source (EDM's seeded subset), split over ranks.
+
+    path: what image_sets.ImageSource reads, or an object with its `len` and
+    `images(indices)` (edm_dg.latents.DecodedLatents).
+    """
+    src = image_sets.ImageSource(path) if isinstance(path, (str, os.PathLike)) else path
     if num is not None and len(src) < num:
         raise ValueError(f'{path}: found {len(src)} images, but expected at least {num}; generate more or lower --num')
     idx = image_sets.subset_indices(len(src), num, seed)

@@ -8,14 +8,20 @@ is refused with one line naming the file and the fix.
 import os
 
 from torch_utils import distributed as dist
+from . import latents
 from .disc_checkpoint import load_discriminator
 from .pickles import load_network_pickle
 
 DISCRETISATIONS = ('vp', 've', 'iddpm', 'edm')  # Values of the release's --disc, its time-step ablation.
 
 def load_models(network_pkl, device, *, disc_path=None, classifier_path=None, trust_pickle=False,
-                lora_alpha=None, disc_time=None, lora_checkpoint=None, lora_rank=None, disc_cond=None, log=None):
+                lora_alpha=None, disc_time=None, lora_checkpoint=None, lora_rank=None, disc_cond=None, vae=None,
+                encoder_batch=None, decode=True, log=None):
     """(net, disc): the frozen sampling network of an EDM pickle and the frozen Discriminator (or None).
+
+    A latent EDM2 model's VAE is loaded here (from --vae=DIR, else by its name)
+    and decodes in batches of encoder_batch (not with decode=False: nll.py works
+    in the model's space); the discriminator must judge the model's space (edm_dg.latents).
 
     lora_checkpoint / lora_rank: the study's adapter file beside the classifier
     and its rank (checked against the file). disc_cond: what the peers' --cond /
@@ -38,6 +44,8 @@ def load_models(network_pkl, device, *, disc_path=None, classifier_path=None, tr
         log(f'Loading network from "{network_pkl}"...')
         net = load_network_pickle(network_pkl, trust_pickle=trust_pickle, verbose=(dist.get_rank() == 0))
         net = net.eval().requires_grad_(False).to(device)
+        if decode:
+            prepare_net_encoder(net, device, vae, encoder_batch, trust_pickle, network_pkl)
         disc = None
         if disc_path is not None:
             log(f'Loading discriminator from "{disc_path}" with classifier "{classifier_path}"...')
@@ -50,6 +58,15 @@ def load_models(network_pkl, device, *, disc_path=None, classifier_path=None, tr
         raise ValueError(f'{disc_path}: the head is {kind} but --cond/--conditional={int(bool(disc_cond))}; '
                          f'pass --cond={int(disc.cond)} or drop it (edm-dg reads the kind from the file)')
     return net, disc
+
+def prepare_net_encoder(net, device, vae=None, encoder_batch=None, trust_pickle=False, network_pkl='--network'):
+    """Load a latent network's VAE; refuse --vae/--encoder_batch for pixel networks."""
+    encoder = getattr(net, 'encoder', None)
+    if not latents.is_latent(encoder):
+        if vae is not None:
+            raise ValueError(f'--vae={vae}: {network_pkl} samples pixels, it has no VAE; drop --vae')
+        return
+    latents.prepare_encoder(encoder, device, vae=vae, batch_size=encoder_batch, trust_pickle=trust_pickle, source=network_pkl)
 
 def load_guide(gnet_pkl, net, device, *, network_pkl='--network', trust_pickle=False, log=None):
     """The frozen guide network of --gnet (EDM or EDM2 pickle, the same loader as --network), checked against net."""
@@ -67,6 +84,9 @@ def check_guide(net, guide, network_pkl='--network', gnet_pkl='--gnet'):
     if (guide.img_resolution, guide.img_channels) != (net.img_resolution, net.img_channels):
         raise ValueError(f'--gnet={gnet_pkl}: the guide makes {shape(guide)} images but {network_pkl} makes {shape(net)}; '
                          f'pass a guide of the same resolution and channels')
+    if getattr(guide, 'encoder', None) is not None and not latents.same_space(latents.space_of_net(net), latents.space_of_net(guide)):
+        raise ValueError(f'--gnet={gnet_pkl}: the guide works in {latents.describe(latents.space_of_net(guide))} but {network_pkl} in '
+                         f'{latents.describe(latents.space_of_net(net))}; pass a guide of the same space')
     if guide.label_dim and guide.label_dim != net.label_dim:
         has = f'{net.label_dim} classes' if net.label_dim else 'no classes (unconditional)'
         raise ValueError(f'--gnet={gnet_pkl}: the guide is conditioned on {guide.label_dim} classes but {network_pkl} has {has}; '
@@ -100,6 +120,7 @@ def check_pair(net, disc, network_pkl='--network', disc_path='--disc', classifie
     """Refuse a discriminator that cannot judge this network's images."""
     if disc is None:
         return
+    latents.check_space(latents.space_of_net(net), getattr(disc, 'space', None), network_pkl, disc_path)
     if disc.cond and not net.label_dim:
         raise ValueError(f'{disc_path}: class-conditional discriminator but {network_pkl} is unconditional; use an unconditional discriminator')
     rows = disc.head.label_emb.num_embeddings if disc.cond else 0

@@ -59,6 +59,12 @@ LORA_RANK = click.option('--lora_rank', help='LoRA rank. With --lora_checkpoint 
 LORA_ALPHA = click.option('--lora_alpha', help='LoRA scale alpha (update scaled by alpha/rank)  [default: as recorded, else 1 as the study trained]', metavar='FLOAT', type=float, default=None)
 DISC_TIME = click.option('--disc_time', '--time_schedule', 'disc_time', help='Time the classifier is fed: linear VP time, or cosine time (64x64 ADM classifiers). Heads trained the release\'s way at 64x64 saw linear time in training: pass linear to sample as they were trained  [default: as recorded in an edm-dg checkpoint; else the classifier\'s own, as the release\'s sampler: cosine at 64x64, else linear]', type=click.Choice(['linear', 'cosine']), default=None)
 COND = click.option('--cond', '--conditional', 'cond', help='Class-conditional discriminator (0/1; plain --cond means 1). train_disc.py: train one (needs labels). Sampling: checked against the head, which says it itself  [default: train_disc.py 0; sampling: the file\'s]', metavar='0|1', type=click.IntRange(0, 1), is_flag=False, flag_value=1, default=None)
+# Latent EDM2 models (edm_dg.latents).
+VAE = click.option('--vae', help='Latent EDM2 models: their VAE as a local diffusers AutoencoderKL folder (save_pretrained), for machines without the Hugging Face hub  [default: fetch the pickle\'s vae_name, e.g. stabilityai/sd-vae-ft-mse]', metavar='DIR', type=str, default=None)
+ENCODER_BATCH = click.option('--encoder_batch', help='Latent models: images per VAE decode (EDM2\'s encoder_batch_size)', metavar='INT', type=click.IntRange(min=1), default=4, show_default=True)
+SAVE_LATENTS = click.option('--save_latents', help='Latent models: also write the final latents of each batch to OUTDIR/latents/*.npz (latents, label, seeds, space), for train_disc.py --fake and fid.py', is_flag=True)
+LATENT_ENCODER = click.option('--encoder', 'encoder_pkl', help='Latents: the latent EDM2 pickle whose encoder standardises raw latents (EDM2 latent datasets) and images encoded with --vae  [default: the record of the --fake latent shards]', metavar='PKL', type=str, default=None)
+
 TRUST_PICKLE = click.option('--trust_pickle', help='Load --network with EDM\'s own unpickling (executes code in the file)', is_flag=True)
 DEVICE = click.option('--device', help='Device  [default: cuda if available]', metavar='STR', type=str, default=None)
 
@@ -123,7 +129,7 @@ output_peer_options = _stack(
 # train_disc.py's options, with the release's and the study's train.py names beside them.
 train_options = _stack(
     click.option('--real', '--datadir', 'real', help='Real images: EDM dataset zip/folder, image folder, or .npz (the release\'s true_data.npz, the study\'s images/labels files)', metavar='PATH', default=None),
-    click.option('--fake', '--gendir', '--sample_dir', 'fake', help='Generated images: generate_dg.py folder, .npz file, or folder of .npz shards (edm-dg\'s, the release\'s samples_*.npz, the study\'s samples.npz)', metavar='PATH', default=None),
+    click.option('--fake', '--gendir', '--sample_dir', 'fake', help='Generated images: generate_dg.py folder, .npz file, or folder of .npz shards (edm-dg\'s, the release\'s samples_*.npz, the study\'s samples.npz); latents: a generate_dg.py --save_latents folder (then --real may be an EDM2 latent dataset, or images with --vae)', metavar='PATH', default=None),
     CLASSIFIER,
     LORA_CHECKPOINT,
     click.option('--outdir', '--savedir', '--save_dir', 'outdir', help='Run folder (checkpoints, metrics.jsonl, training-curves.png, log-ratio-histogram.png)', metavar='DIR', default=None),
@@ -146,6 +152,9 @@ train_options = _stack(
     click.option('--img_resolution', help='The release\'s image size option: checked against the images', type=click.IntRange(min=1), default=None, hidden=True),
     click.option('--precision', help='Autocast precision', type=click.Choice(PRECISIONS), default='fp32', show_default=True),
     click.option('--channels_last', help='channels_last memory format', is_flag=True),
+    LATENT_ENCODER,
+    VAE,
+    TRUST_PICKLE,
     RESUME,
     DEVICE,
 )

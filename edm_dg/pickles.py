@@ -30,7 +30,6 @@ NETWORK_CLASSES = ('EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'Song
 LOSS_CLASSES = ('EDMLoss', 'VPLoss', 'VELoss')
 EDM2_NETWORK_CLASSES = ('Precond', 'UNet', 'Block', 'MPConv', 'MPFourier')
 ENCODER_CLASSES = ('StandardRGBEncoder', 'StabilityVAEEncoder')  # EDM2 pickles' 'encoder' entry.
-KNOWN_VAES = ('stabilityai/sd-vae-ft-mse',)
 INERT_CLASSES = ('AugmentPipe', 'EDM2Loss')   # Training-only; returned as a description, never run.
 _KNOWN_CLASSES = NETWORK_CLASSES + EDM2_NETWORK_CLASSES + ENCODER_CLASSES + LOSS_CLASSES + INERT_CLASSES
 
@@ -152,11 +151,8 @@ def _build(record):
     if record.class_name in LOSS_CLASSES:
         return getattr(loss_module, record.class_name)(*args, **kwargs)
     if record.class_name in ENCODER_CLASSES:
-        encoder = getattr(encoders, record.class_name)(*args, **kwargs)
-        # The VAE is fetched by name when first run: only the one EDM2 publishes, unless the file is trusted.
-        if getattr(encoder, 'vae_name', KNOWN_VAES[0]) not in KNOWN_VAES:
-            raise UnsafePickleError(f'{record.class_name} names the VAE {encoder.vae_name!r}, not one of {list(KNOWN_VAES)}')
-        return encoder
+        # Only built: its VAE is fetched when edm_dg.latents.prepare_encoder says so.
+        return getattr(encoders, record.class_name)(*args, **kwargs)
     module = networks_edm2 if record.class_name in EDM2_NETWORK_CLASSES else networks
     net = getattr(module, record.class_name)(*args, **kwargs)
     tensors = _tensors_of(state)
@@ -207,9 +203,10 @@ class EDM2Network(torch.nn.Module):
     sampling_dtype, noise_every_step = torch.float32, False
     default_num_steps = 32  # EDM2's generate_images.py (EDM's is 18)
 
-    def __init__(self, net):
+    def __init__(self, net, encoder=None):
         super().__init__()
         self.net = net
+        self.encoder = encoder  # training.encoders object: decodes the sampler's output (edm_dg.latents.to_uint8)
 
     img_resolution = property(lambda self: self.net.img_resolution)
     img_channels = property(lambda self: self.net.img_channels)
@@ -247,11 +244,7 @@ def load_network_pickle(url_or_path, trust_pickle=False, key='ema', verbose=Fals
         raise ValueError(f'{url_or_path}: pickle has no "{key}" network; pass an EDM network snapshot (network-snapshot-*.pkl)')
     net = data[key]
     if is_edm2_network(net):
-        encoder = data.get('encoder')
-        if encoder is not None and type(encoder).__name__ != 'StandardRGBEncoder':
-            raise ValueError(f'{url_or_path}: a latent EDM2 model ({type(encoder).__name__}); decoding its latents '
-                             f'with Stability\'s VAE is not supported yet: pass a pixel model (edm2-img64-*)')
-        net = EDM2Network(net)
+        net = EDM2Network(net, data.get('encoder'))
     missing = [attr for attr in _NETWORK_ATTRS if not hasattr(net, attr)]
     if missing:
         raise ValueError(f'{url_or_path}: "{key}" is not an EDM preconditioned network (no {missing[0]}); '

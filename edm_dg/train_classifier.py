@@ -1,6 +1,7 @@
 """Train a noise-conditional ADM classifier to use as DG feature extractor on a new dataset.
 
     python -m edm_dg.train_classifier --data=datasets/mydata.zip --outdir=cls-run
+    python -m edm_dg.train_classifier --data=img512-sd.zip --encoder=edm2-img512-s.pkl --outdir=cls-latent
 
 VP time is importance-sampled as in discriminator training, images perturbed,
 and the classifier trained with cross-entropy on the class labels. The result,
@@ -17,15 +18,29 @@ import tqdm
 from torch.nn import functional as F
 
 from torch_utils import distributed as dist
-from . import fileio, image_sets, vp
+from . import fileio, image_sets, latents, vp
 from .adm import EncoderUNet
 from .cli import command_body
+from .options import LATENT_ENCODER, TRUST_PICKLE, VAE
 
 def train_classifier(data, outdir, *, epochs=20, batch=128, lr=3e-4, weight_decay=0.05, width=128, depth=2,
-                     attention='32,16,8', seed=0, resume=False, device='cpu', progress=True, log=print):
-    """Returns the path of classifier.pt (written atomically after every epoch)."""
+                     attention='32,16,8', seed=0, resume=False, device='cpu', encoder_pkl=None, vae=None, trust_pickle=False,
+                     progress=True, log=print):
+    """Returns the path of classifier.pt (written atomically after every epoch).
+
+    Latents (edm_dg.latents): an EDM2 latent dataset, latent shards, or images
+    encoded with `vae`; raw latents and images are standardised by the encoder
+    of `encoder_pkl` (a latent EDM2 pickle). The classifier then takes the
+    model's latents (e.g. 4x64x64 for img512); what it judges is recorded by
+    the discriminators trained on it (train_disc.py).
+    """
     device = torch.device(device)
-    images, labels = image_sets.load_image_set(data)
+    if encoder_pkl is not None or vae is not None or latents.is_latent_source(data):
+        space = None if encoder_pkl is None else latents.space_of_pickle(encoder_pkl, trust_pickle)
+        images, labels, space = latents.load_latent_set(data, space=space, vae=vae, seed=seed, device=device, log=log)
+        log(f'Training on {len(images)} latents {list(images.shape[1:])} ({latents.describe(space)}).')
+    else:
+        images, labels = image_sets.load_image_set(data)
     if labels is None:
         raise ValueError(f'{data}: no class labels (dataset.json); a classifier needs a labelled dataset')
     res = images.shape[2]
@@ -74,7 +89,7 @@ def train_classifier(data, outdir, *, epochs=20, batch=128, lr=3e-4, weight_deca
     return out_path
 
 @click.command(help=__doc__)
-@click.option('--data', help='Labelled EDM dataset (zip or folder with dataset.json)', metavar='PATH', required=True)
+@click.option('--data', help='Labelled EDM dataset (zip or folder with dataset.json), or latents: an EDM2 latent dataset (dataset_tool.py encode), latent shards, or images with --vae', metavar='PATH', required=True)
 @click.option('--outdir', help='Run folder; classifier.pt is written there', metavar='DIR', required=True)
 @click.option('--epochs', type=click.IntRange(min=1), default=20, show_default=True)
 @click.option('--batch', type=click.IntRange(min=1), default=128, show_default=True)
@@ -83,6 +98,9 @@ def train_classifier(data, outdir, *, epochs=20, batch=128, lr=3e-4, weight_deca
 @click.option('--depth', help='Residual blocks per level', type=click.IntRange(min=1), default=2, show_default=True)
 @click.option('--seed', type=int, default=0, show_default=True)
 @click.option('--resume', is_flag=True, help='Continue the run in --outdir')
+@LATENT_ENCODER
+@VAE
+@TRUST_PICKLE
 @click.option('--device', default=None, help='Device  [default: cuda if available]')
 @command_body
 def main(device, **kwargs):

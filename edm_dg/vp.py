@@ -67,11 +67,14 @@ def perturb(x, tau, eps):
     return m * x + s * eps
 
 def to_float(images_u8):
-    """uint8 [N,C,H,W] -> float32 in [-1, 1] (generate_dg.py's inverse up to rounding)."""
+    """uint8 [N,C,H,W] -> float32 in [-1, 1] (generate_dg.py's inverse up to rounding); float data (latents:
+    edm_dg.latents) are already in the network's space and pass as float32."""
+    if images_u8.is_floating_point():
+        return images_u8.to(torch.float32)
     return images_u8.to(torch.float32) / 127.5 - 1
 
 def noisy_batch(images_u8, gen):
-    """(x_tau, tau) for uint8 images: importance-sampled VP time, x_tau = mean x + std eps (training's inputs)."""
+    """(x_tau, tau) for uint8 images or float latents: importance-sampled VP time, x_tau = mean x + std eps (training's inputs)."""
     x = to_float(images_u8)
     u = torch.rand(x.shape[0], generator=gen, device=x.device)
     tau = importance_time(u).to(torch.float32)

@@ -1,5 +1,6 @@
 """Shared test helpers: tiny seeded networks and files, CLI runners, reference samplers (one module; tests import it)."""
 
+import functools
 import os
 import pickle
 import subprocess
@@ -18,7 +19,7 @@ from edm_dg import vp
 from edm_dg.adm import EncoderUNet
 from edm_dg.disc_checkpoint import discriminator_checkpoint, infer_encoder_args, read_weights
 from edm_dg.discriminator import Discriminator, make_head
-from training import loss, networks
+from training import encoders, loss, networks, networks_edm2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, 'tests', 'data')
@@ -447,3 +448,41 @@ def assert_imports_only(module, allowed_top=('numpy', 'torch')):
         for n in names:
             top = n.split('.')[0]
             assert top in allowed_top or n == 'torch_utils.persistence' or top in sys.stdlib_module_names, n
+
+#----------------------------------------------------------------------------
+# EDM2 networks and latent models.
+
+@functools.lru_cache(maxsize=None)
+def edm2_reference():
+    return torch.load(os.path.join(DATA, 'edm2_reference.pt'), weights_only=True)
+
+def edm2_precond(name, **changes):
+    """A tiny EDM2 Precond of tests/data/edm2_reference.pt (its recorded weights unless its arguments change)."""
+    entry = edm2_reference()[name]
+    net = networks_edm2.Precond(**dict(entry['kwargs'], **changes)).eval()
+    if not changes:
+        net.load_state_dict(entry['state_dict'])
+    return net
+
+def write_edm2_pickle(net, path, encoder=None):
+    """What EDM2's training loop pickles (float32 weights here, so images are the fixture's); pixels unless encoder."""
+    with open(path, 'wb') as f:
+        pickle.dump(dnnlib.EasyDict(ema=net, encoder=encoder or encoders.StandardRGBEncoder(), loss_fn=None,
+                                    dataset_kwargs=dnnlib.EasyDict()), f)
+    return str(path)
+
+def tiny_vae(path, image_channels=3, factor=2, seed=0):
+    """A tiny random diffusers AutoencoderKL (4 latent channels, `factor` down-sampling) written with save_pretrained."""
+    import diffusers
+    torch.manual_seed(seed)
+    width = [8, 16, 16, 16][:int(math.log2(factor)) + 1]
+    vae = diffusers.AutoencoderKL(in_channels=image_channels, out_channels=image_channels, latent_channels=4,
+                                  down_block_types=['DownEncoderBlock2D'] * len(width),
+                                  up_block_types=['UpDecoderBlock2D'] * len(width), block_out_channels=width,
+                                  layers_per_block=1, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(str(path))
+    return vae.eval().requires_grad_(False)
+
+def latent_encoder(vae_name='tests/tiny-vae', batch_size=2):
+    """The StabilityVAEEncoder of a latent toy: EDM2's standardisation constants, another VAE's name."""
+    return encoders.StabilityVAEEncoder(vae_name=vae_name, batch_size=batch_size)

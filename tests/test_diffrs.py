@@ -348,3 +348,27 @@ def test_fingerprint_names_the_weights():
     assert R.discriminator_fingerprint(lin) != fp
     assert R.discriminator_fingerprint(a) == R.discriminator_fingerprint(b)  # no weights: the class names it
     assert R.discriminator_fingerprint(a) != R.discriminator_fingerprint(LabelDisc())
+
+def test_transition_guided_by_a_second_network():
+    """Autoguidance-style transitions (`D_g + w (D - D_g)` inside a sigma interval): the records count the guide
+    only at the levels where it runs, equal to the evaluations made (one slot); w = 1 is the main net alone; the
+    budget counts the guide too."""
+    from edm_dg.sampling.guides import Guided
+    net, guide, disc = GaussianDenoiser(S_M), GaussianDenoiser(0.8), GaussianRatioDiscriminator(S_R, S_M)
+    lat = latents_for(5, (1, 2, 2), seed=9)
+    kw = dict(num_steps=6, rej_percentile=0.9, iter_warmup=1)
+    th = run(net, disc, lat[:1], **kw).thresholds
+    g = Guided(net, guide, 2.0, sigma_lo=0.3, sigma_hi=5.0)
+    t = edm_schedule(net, 6)[1]
+    per_pass = sum((1 + (0.3 <= t[k] <= 5.0)) + (1 + (0.3 <= t[k + 1] <= 5.0)) * (t[k + 1] > 0) for k in range(6))
+    assert 2 * 6 - 1 < per_pass < 2 * (2 * 6 - 1)  # the interval cuts the schedule
+    res = run(g, disc, lat, thresholds=th, batch=1, max_iter=3 * per_pass, **kw)
+    assert g.evaluations == sum(r['nfe_total'] + r['nfe_discarded'] for r in res.records)
+    assert all(r['nfe'] <= 3 * per_pass for r in res.records)
+    assert any(sum(r['rejections']) for r in res.records)  # rejections happened, so the counts are not one pass each
+    plain = run(net, disc, lat, thresholds=th, batch=2, **kw)
+    same = run(Guided(net, guide, 1.0, sigma_lo=0.3, sigma_hi=5.0), disc, lat, thresholds=th, batch=2, **kw)
+    assert torch.equal(same.images, plain.images) and same.records == plain.records
+    assert (res.images - plain.images).abs().max() > 1e-3  # the guide acted
+    with pytest.raises(ValueError, match='below one pass'):
+        run(g, disc, lat, thresholds=th, max_iter=per_pass - 1, **kw)

@@ -6,19 +6,16 @@ The pickles are written here from the fixture's nets (tests/data/edm2_reference.
 code: `edm_sampler` at 8 steps over cond16, plain and guided by guide16 at w = 2, seeds 0-3).
 """
 
-import functools
 import os
-import pickle
 
 import numpy as np
 import pytest
 import torch
 
-import dnnlib
 import fid
 import generate_dg
 import train_disc
-from helpers import (differ_beyond_rounding, invoke, nonzero_init, tiny_classifier,
+from helpers import (edm2_precond, edm2_reference, write_edm2_pickle, differ_beyond_rounding, invoke, nonzero_init, tiny_classifier,
                      tiny_discriminator, tiny_edm, save_edm_pickle)
 from edm_dg import fileio
 from edm_dg.disc_checkpoint import discriminator_checkpoint, infer_encoder_args, read_weights
@@ -28,27 +25,10 @@ from edm_dg.pickles import EDM2Network
 from edm_dg.presets import EDM2_PRESETS
 from edm_dg.sampling import nfe
 from edm_dg.sampling.guides import Guided
-from training import encoders, networks_edm2
+from training import networks_edm2
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 
-@functools.lru_cache(maxsize=None)
-def edm2_reference():
-    return torch.load(os.path.join(DATA, 'edm2_reference.pt'), weights_only=True)
-
-def edm2_precond(name, **changes):
-    entry = edm2_reference()[name]
-    net = networks_edm2.Precond(**dict(entry['kwargs'], **changes)).eval()
-    if not changes:
-        net.load_state_dict(entry['state_dict'])
-    return net
-
-def write_edm2_pickle(net, path):
-    """What EDM2's training loop pickles for a pixel model (float32 weights here, so the images are the fixture's)."""
-    with open(path, 'wb') as f:
-        pickle.dump(dnnlib.EasyDict(ema=net, encoder=encoders.StandardRGBEncoder(), loss_fn=None,
-                                    dataset_kwargs=dnnlib.EasyDict()), f)
-    return str(path)
 
 @pytest.fixture(scope='module')
 def pkls(tmp_path_factory):

@@ -19,17 +19,13 @@ import pytest
 import torch
 
 import dnnlib
-from helpers import assert_imports_only, assert_close_to_fixture, float32_layers
+from helpers import assert_imports_only, assert_close_to_fixture, edm2_reference, float32_layers
 from edm_dg import pickles
 from torch_utils import persistence
 from training import encoders, networks_edm2
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 TINY = ['cond16', 'uncond16', 'latent8', 'guide16']
-
-@functools.lru_cache(maxsize=None)
-def edm2_reference():
-    return torch.load(os.path.join(DATA, 'edm2_reference.pt'), weights_only=True)
 
 @functools.lru_cache(maxsize=None)
 def edm2_layouts():
@@ -148,7 +144,7 @@ def test_forced_weight_normalization_in_training_mode():
 @pytest.mark.parametrize('module', [networks_edm2, encoders])
 def test_embedded_source_imports_only_what_edm2_has(module):
     """The module source travels in pickles and runs inside NVlabs' EDM2: stdlib, numpy, torch, persistence only."""
-    assert_imports_only(module, ('numpy', 'torch', 'diffusers'))
+    assert_imports_only(module, ('numpy', 'torch', 'diffusers', 'dnnlib'))  # dnnlib: EDM2 has it; for the VAE cache
 
 #----------------------------------------------------------------------------
 # Encoders.
@@ -322,9 +318,9 @@ def test_read_pickle_and_load_network_pickle(tmp_path):
             assert torch.equal(wrapped(e['x'], e['sigma'], e['labels']), wrapped.net(e['x'], e['sigma'], e['labels']))
     latent = tmp_path / 'latent.pkl'
     latent.write_bytes(pickle.dumps(_edm2_snapshot(build_tiny('latent8')[0], encoders.StabilityVAEEncoder())))
-    with pytest.raises(ValueError) as info:
-        pickles.load_network_pickle(str(latent))
-    assert '\n' not in str(info.value) and 'latent.pkl' in str(info.value) and 'StabilityVAEEncoder' in str(info.value)
+    wrapped = pickles.load_network_pickle(str(latent))  # latent models carry their encoder, which decodes their output
+    assert type(wrapped.encoder).__name__ == 'StabilityVAEEncoder' and wrapped.encoder._vae is None
+    assert (wrapped.img_resolution, wrapped.img_channels) == (8, 4)
 
 def test_safe_loader_refuses_unknown_classes_in_edm2_pickles():
     blob = pickle.dumps(_edm2_snapshot(torch.nn.Identity(), None))
@@ -337,8 +333,12 @@ def test_safe_loader_refuses_unknown_classes_in_edm2_pickles():
     with pytest.raises(pickles.UnsafePickleError, match='"Encoder2" is not a known EDM class'):
         pickles.safe_load(io.BytesIO(pickle.dumps(dict(ema=_Writes()))))
 
-def test_safe_loader_refuses_an_unknown_vae():
+def test_an_unknown_vae_is_fetched_only_when_trusted():
+    """The safe loader builds the encoder; a VAE name the file chose is fetched only with --trust_pickle (or --vae)."""
+    from edm_dg import latents
     blob = pickle.dumps(_edm2_snapshot(build_tiny('latent8')[0], encoders.StabilityVAEEncoder(vae_name='someone/vae')))
-    with pytest.raises(pickles.UnsafePickleError, match="VAE 'someone/vae'"):
-        pickles.safe_load(io.BytesIO(blob))
+    enc = pickles.safe_load(io.BytesIO(blob))['encoder']
+    assert enc.vae_name == 'someone/vae' and enc._vae is None
+    with pytest.raises(ValueError, match='"someone/vae", which edm-dg fetches by name only with --trust_pickle; pass --vae=DIR'):
+        latents.prepare_encoder(enc, 'cpu', source='x.pkl')
     assert pickle.loads(blob)['encoder'].vae_name == 'someone/vae'  # trusted: the file's business

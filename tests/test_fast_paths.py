@@ -128,3 +128,12 @@ def test_release_style_baseline_computes_the_same_guidance(nets):
     x_vp = x.detach().requires_grad_(True)
     base(x_vp, torch.full([3], 0.5)).sum().backward()
     assert block.qkv.weight.grad is not None and block.qkv.weight.grad.abs().sum() > 0
+
+def test_bench_edm2_counts_the_guides_evaluations():
+    """`python -m edm_dg.bench --edm2`: a shrunken img64-xs (the guide of its size is itself) runs plain, guided, guided
+    in EDM2's interval and guided + DG; the evaluation counts are the sampler's, the guide's only where it runs."""
+    from edm_dg import bench
+    out = bench.edm2_bench('edm2-img64-xs', 8, batch=1, steps=4, repeats=1, device=torch.device('cpu'))
+    plain, guided, interval, dg = (out[k]['nfe'] for k in out)
+    assert plain == 7 and guided == 14 and dg == guided and plain < interval < guided
+    assert all(v['seconds'] > 0 for v in out.values())

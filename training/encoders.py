@@ -10,8 +10,11 @@ names, constructor arguments and attributes follow NVlabs' EDM2
 "EDM2 networks and pickles").
 
 This module's source travels in pickles and runs in NVlabs' EDM2: it imports only
-the standard library, numpy, torch and `torch_utils.persistence`.
+the standard library, numpy, torch and `torch_utils.persistence` (and, when a VAE
+is loaded, `dnnlib` and `diffusers`).
 """
+
+import os
 
 import numpy as np
 import torch
@@ -116,11 +119,35 @@ class StabilityVAEEncoder(Encoder):
         return x.clamp(0, 1).mul(255).to(torch.uint8)
 
 def _load_vae(vae_name, device):
-    """The frozen diffusers AutoencoderKL `vae_name` on `device`; one-line error when diffusers is missing."""
+    """The frozen diffusers AutoencoderKL `vae_name` (hub name or local folder) on `device`.
+
+    As in EDM2, the hub copy lives in the dnnlib cache (`diffusers/`) and the
+    cache is tried before the network. Errors are one line naming the VAE.
+    """
     try:
         import diffusers  # pylint: disable=import-outside-toplevel
     except ImportError:
         raise ImportError(f'StabilityVAEEncoder needs the "diffusers" package to run the VAE "{vae_name}" '
-                          f'(latent EDM2 models); install it with: pip install diffusers') from None
-    vae = diffusers.models.AutoencoderKL.from_pretrained(vae_name)
+                          f'(latent EDM2 models); install it with: pip install "edm-dg[latent]" (or diffusers)') from None
+    load = diffusers.models.AutoencoderKL.from_pretrained
+    if os.path.isdir(vae_name):
+        try:
+            vae = load(vae_name, low_cpu_mem_usage=False)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise OSError(f'{vae_name}: not a diffusers AutoencoderKL folder ({" ".join(str(e).split())[:160]}); '
+                          f'pass a folder written by AutoencoderKL.save_pretrained') from None
+    else:
+        import dnnlib  # pylint: disable=import-outside-toplevel
+        cache_dir = dnnlib.make_cache_dir_path('diffusers')
+        os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
+        os.environ.setdefault('HF_HUB_DISABLE_SYMLINKS_WARNING', '1')
+        try:
+            vae = load(vae_name, cache_dir=cache_dir, local_files_only=True, low_cpu_mem_usage=False)
+        except (OSError, ValueError):
+            try:
+                vae = load(vae_name, cache_dir=cache_dir, low_cpu_mem_usage=False)
+            except (OSError, ValueError) as e:
+                raise OSError(f'VAE "{vae_name}": not in the cache {cache_dir} and the Hugging Face hub could not be read '
+                              f'({" ".join(str(e).split())[:120]}); pass --vae=DIR, a local copy of it '
+                              f'(AutoencoderKL.save_pretrained folder)') from None
     return vae.eval().requires_grad_(False).to(device)

@@ -209,7 +209,8 @@ class DiffRS:
         self.t_hat = [float(net.round_sigma(torch.tensor(t[k] + gamma[k] * t[k], dtype=torch.float64))) for k in range(n)]
         self.churn = [g > 0 for g in gamma]
         self.heun = [solver == 'heun' and t[k + 1] > 0 for k in range(n)]
-        self.cost = [(2 if h else 1) * nfe_of(net) for h in self.heun]  # network evaluations of step k -> k+1
+        # Network evaluations of step k -> k+1 at its levels (a guide counts only inside its interval).
+        self.cost = [nfe_of(net, (self.t_hat[k],)) + (nfe_of(net, (float(t[k + 1]),)) if self.heun[k] else 0) for k in range(n)]
         self.rem = [sum(self.cost[k:]) for k in range(n + 1)]  # calls from level k to the end
         self.tested = [self.backsteps > 0 and self.min_backsteps < k <= self.max_backsteps for k in range(n + 1)]
         if max_iter is not None and int(max_iter) != max_iter:
