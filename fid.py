@@ -46,8 +46,12 @@ def calc(image_path, ref_path, num, seed, batch, detector, device, json_out, vae
     dist.print0(f'Detector: {det.name}')
     source = image_path
     if latents.is_latent_shards(image_path, nested=False):
-        source = latents.DecodedLatents(image_path, vae=vae, device=device, batch_size=encoder_batch, trust=trust_pickle)
+        with dist.rank0_first():  # rank 0 fetches the VAE into the cache first
+            source = latents.DecodedLatents(image_path, vae=vae, device=device, batch_size=encoder_batch, trust=trust_pickle)
         dist.print0(f'Decoding {len(source)} latents of {image_path} ({latents.describe(source.space)})...')
+    elif vae is not None:
+        raise ValueError(f'--vae={vae}: {image_path} holds images, not latent shards, so nothing is decoded; drop --vae '
+                         f'(or pass the latents folder of generate_dg.py --save_latents)')
     mu, sigma = metrics.source_stats(source, det, num, seed, batch, device)
     if mu.shape != mu_ref.shape:
         raise ValueError(f'{ref_path}: reference has {mu_ref.shape[0]}-d features but the detector gives {mu.shape[0]}-d; use the detector the reference was made with')

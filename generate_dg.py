@@ -99,6 +99,9 @@ def run(network_pkl=None, outdir=None, seeds=None, subdirs=False, class_idx=None
     rejection_opts = pop_rejection_options(options)
     if options:
         raise TypeError(f'unknown options {sorted(options)}')
+    if save_latents and rejection_opts.get('rejection'):
+        raise ValueError('--save_latents with --rejection=diffrs is not supported: DiffRS finishes seeds out of batch order; '
+                         'generate the PNGs and drop --save_latents')
     if grid_compare and (grid is None or (disc_path is None and gnet_pkl is None)):
         raise ValueError('--grid_compare compares plain and guided images: pass --grid=PATH and --disc or --gnet too')
     early_selection = selection_settings(selection_opts, guided=disc_path is not None)  # Its errors before any loading.

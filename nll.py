@@ -57,6 +57,10 @@ def main(network_pkl, data, num, batch, num_steps, seed, dg_weight_1st_order, ti
         raise ValueError(f'--time_min={time_min} is above --time_max={time_max}; pass time_min <= time_max')
     device = dist.init_device(device)
     net, disc = load_models(network_pkl, device, trust_pickle=trust_pickle, decode=False, **disc_opts)
+    from edm_dg import latents
+    if latents.space_of_net(net)['kind'] == 'latents':
+        raise ValueError(f'{network_pkl}: a latent model; nll.py measures bits/dim of pixels under pixel models: pass an EDM or '
+                         f'EDM2 pixel network')
     if disc is not None and dg_weight is None:
         dg_weight = 1.0 if net.label_dim else 2.0
     dg_weight = float(dg_weight or 0.0)

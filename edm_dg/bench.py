@@ -32,8 +32,8 @@ from .sampling import diffrs, dg_sampler, edm_schedule, nfe, window_on_host
 from .sampling.score import log_ratio_vp
 
 # The VAE layouts for --vae_layout: sd-vae-ft-mse's (diffusers' AutoencoderKL defaults: 8x down-sampling) and a tiny one.
-VAE_LAYOUTS = {'sd-vae-ft-mse': dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
-               'tiny': dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4)}
+VAE_LAYOUTS = {'sd-vae-ft-mse': dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2),
+               'tiny': dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1)}
 
 def cifar10_ddpmpp(seed=0, label_dim=0):
     """EDM's CIFAR-10 DDPM++ configuration (train.py --arch=ddpmpp --precond=edm)."""
@@ -265,13 +265,9 @@ def edm2_bench(name, channels, batch, steps, repeats, device, w_dg=2.0, guidance
 
 def random_vae(layout, device, seed=0):
     """A diffusers AutoencoderKL with seeded random weights in one of VAE_LAYOUTS (4 latent channels)."""
-    import diffusers
-    kw = VAE_LAYOUTS[layout]
+    from .train_vae import build_vae
     torch.manual_seed(seed)
-    n = len(kw['block_out_channels'])
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=('DownEncoderBlock2D',) * n,
-                                  up_block_types=('UpDecoderBlock2D',) * n, **kw)
-    return vae.eval().requires_grad_(False).to(device)
+    return build_vae(3, **VAE_LAYOUTS[layout]).eval().requires_grad_(False).to(device)
 
 #----------------------------------------------------------------------------
 # DiffRS against plain Heun (--diffrs): the same seeds, the same process, interleaved rounds.

@@ -17,6 +17,7 @@ import zipfile
 
 import torch
 
+from . import latents
 from . import lora as lora_lib
 from .adm import EncoderUNet, channel_mult_for
 from .discriminator import Discriminator, default_time_schedule
@@ -217,7 +218,7 @@ def discriminator_checkpoint(disc, classifier_sha256, classifier_args, lora_rank
                 classifier_sha256=classifier_sha256, classifier_args=_args_to_plain(classifier_args),
                 time_schedule=disc.time_schedule, lora_rank=int(rank), lora_alpha=float(alpha),
                 lora=lora_lib.lora_state_dict(disc.classifier) if rank else {},
-                space=getattr(disc, 'space', None) or {'kind': 'pixels'})
+                space=getattr(disc, 'space', None) or dict(latents.PIXELS))
     if extra:
         ckpt.update(extra)
     return ckpt

@@ -199,8 +199,12 @@ def train(outdir, real, fake, classifier_path, *, epochs=60, batch=128, lr=3e-4,
 
     space = None
     if encoder_pkl is not None or vae is not None or latents.is_latent_source(fake) or latents.is_latent_source(real):
-        given = None if encoder_pkl is None else latents.space_of_pickle(encoder_pkl, trust_pickle)
-        images, targets, labels, space = load_latent_pair(real, fake, num, cond, given, vae, seed, device, log)
+        if export is not None:
+            raise ValueError(f'--export={export}: the peers\' head files cannot record that the head judges latents '
+                             f'(a latent head loaded from them would be taken for a pixel one); drop --export')
+        with dist.rank0_first():  # rank 0 fetches --encoder and the VAE into the cache first
+            given = None if encoder_pkl is None else latents.space_of_pickle(encoder_pkl, trust_pickle)
+            images, targets, labels, space = load_latent_pair(real, fake, num, cond, given, vae, seed, device, log)
         log(f'Training on latents {list(images.shape[1:])} ({latents.describe(space)}).')
     else:
         images, targets, labels = load_pair(real, fake, num, cond, log)

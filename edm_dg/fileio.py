@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
 
 import numpy as np
@@ -35,6 +36,30 @@ def atomic_open(path, mode='wb'):
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        raise
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """A temp folder next to `path` to fill; on success it replaces `path` (a previous folder) whole."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix='.tmp-')
+    try:
+        yield tmp
+        for root, dirs, files in os.walk(tmp):  # mkdtemp's 0700 (and some writers' 0600) would make outputs private
+            os.chmod(root, 0o777 & ~_UMASK)
+            for fn in files:
+                os.chmod(os.path.join(root, fn), 0o666 & ~_UMASK)
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(dir=parent, prefix='.tmp-old-')
+            os.rename(path, os.path.join(old, 'previous'))
+        os.rename(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 def remove_stale_temps(folder):

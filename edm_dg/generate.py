@@ -96,7 +96,8 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
 
     A latent network's output is decoded by its encoder (edm_dg.latents.to_uint8);
     save_latents also writes each batch's final latents to outdir/latents/
-    (edm_dg.latents.save_latent_shard), a batch without its shard counting as not done.
+    (edm_dg.latents.save_latent_shard); a seed that no shard there holds counts as
+    not done (also when an earlier run used another --batch or process count).
     """
     sampler_kwargs = dict(sampler_kwargs or {})
     rejection = sampler_kwargs.pop('rejection', None)  # edm_dg.options.rejection_settings
@@ -118,6 +119,7 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
     if rank == 0 and os.path.isdir(outdir):
         fileio.remove_stale_temps(outdir)  # From a killed run; no rank writes before the barrier.
     dist.barrier()
+    held = latents_lib.seeds_held(outdir) if save_latents and resume else set()
     generated, skipped, nonfinite, labels, records = 0, 0, [], {}, []
     start = time.time()
     bar = tqdm.tqdm(batches, unit='batch', disable=(not progress) or rank != 0, desc='generate', dynamic_ncols=True)
@@ -128,10 +130,8 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
         latents, class_labels, rnd = draw_inputs(net_shape, net.label_dim, batch, device, class_idx)
         labels.update(_label_entries(batch, relpaths, class_labels))
         shard_path = os.path.join(outdir, 'shards', fileio.shard_name(batch)) if npz else None
-        latent_path = latents_lib.shard_path(outdir, batch) if save_latents else None
-        todo = [s for s in batch if not (resume and os.path.isfile(os.path.join(outdir, relpaths[s])))]
-        if save_latents and not os.path.isfile(latent_path):
-            todo = list(batch)  # The shard needs every latent of the batch: sample them all (same images).
+        todo = [s for s in batch if not (resume and os.path.isfile(os.path.join(outdir, relpaths[s])))
+                or (save_latents and s not in held)]  # A seed without its latents is sampled again (same image).
         skipped += len(batch) - len(todo)
         if not todo and not (npz and not os.path.isfile(shard_path)):
             continue
@@ -155,13 +155,15 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
                 fileio.save_png(os.path.join(outdir, relpaths[s]), im)
                 images_u8[s] = im
                 generated += 1
-            if save_latents and all(finite):
-                lab = [-1 if labels[relpaths[s]] is None else labels[relpaths[s]] for s in batch]
-                latents_lib.save_latent_shard(latent_path, images.cpu(), lab, batch, space)
+            if save_latents:
+                keep = [i for i, (s, ok) in enumerate(zip(todo, finite)) if ok and s not in held]
+                if keep:
+                    kept = [todo[i] for i in keep]
+                    latents_lib.save_latent_shard(latents_lib.shard_path(outdir, kept), images[keep].cpu(),
+                                                  _label_values(labels, relpaths, kept), kept, space)
         if npz and not any(s in nonfinite for s in batch):
             samples = np.stack([images_u8[s] if s in images_u8 else fileio.read_image(os.path.join(outdir, relpaths[s])) for s in batch])
-            lab = [-1 if labels[relpaths[s]] is None else labels[relpaths[s]] for s in batch]
-            fileio.save_npz_shard(shard_path, samples, lab, batch, keys=npz if isinstance(npz, str) else 'edm-dg',
+            fileio.save_npz_shard(shard_path, samples, _label_values(labels, relpaths, batch), batch, keys=npz if isinstance(npz, str) else 'edm-dg',
                                   label_dim=net.label_dim)
     bar.close()
 
@@ -177,6 +179,10 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
             sel.merge_records(outdir, [r for part in all_records for r in part])
     dist.barrier()
     return dict(generated=generated, skipped=skipped, nonfinite=nonfinite, seconds=time.time() - start)
+
+def _label_values(labels, relpaths, seeds):
+    """The seeds' class indices for a shard, -1 where unlabelled."""
+    return [-1 if labels[relpaths[s]] is None else labels[relpaths[s]] for s in seeds]
 
 def _label_entries(batch, relpaths, class_labels):
     if class_labels is None:
@@ -261,8 +267,7 @@ def generate_rejected(net, outdir, seeds, *, device, rejection, sampler_kwargs, 
             shard_path = os.path.join(outdir, 'shards', fileio.shard_name(batch)) if batch else None
             if batch and not os.path.isfile(shard_path) and not any(s in nonfinite for s in batch):
                 samples = np.stack([fileio.read_image(os.path.join(outdir, relpaths[s])) for s in batch])
-                lab = [-1 if labels[relpaths[s]] is None else labels[relpaths[s]] for s in batch]
-                fileio.save_npz_shard(shard_path, samples, lab, batch, keys=npz if isinstance(npz, str) else 'edm-dg',
+                fileio.save_npz_shard(shard_path, samples, _label_values(labels, relpaths, batch), batch, keys=npz if isinstance(npz, str) else 'edm-dg',
                                       label_dim=net.label_dim)
 
     all_labels = dist.all_gather_object(labels)

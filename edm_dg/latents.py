@@ -104,10 +104,10 @@ def prepare_encoder(encoder, device, vae=None, batch_size=None, trust_pickle=Fal
     """
     if not is_latent(encoder):
         if vae is not None:
-            raise ValueError(f'--vae={vae}: {source} works in pixels, it has no VAE; drop --vae')
+            raise ValueError(f'--vae={vae}: {source} samples pixels, it has no VAE; drop --vae')
         return encoder
     name = encoder.vae_name
-    if vae is None and name not in KNOWN_VAES and not os.path.isdir(name) and not trust_pickle:
+    if vae is None and name not in KNOWN_VAES and not trust_pickle:
         raise ValueError(f'{source}: its encoder names the VAE "{name}", which edm-dg fetches by name only with '
                          f'--trust_pickle; pass --vae=DIR (that VAE as a diffusers AutoencoderKL folder)')
     if vae is not None and not os.path.isdir(vae):
@@ -141,12 +141,16 @@ def to_uint8(net, x):
 def standardise(raw, scale, bias, gen):
     """Raw latents (posterior mean and std, 2C channels) -> final latents: one seeded posterior draw, scaled."""
     mean, std = raw.to(torch.float32).chunk(2, dim=1)
-    eps = torch.randn(mean.shape, generator=gen, device=mean.device)
+    eps = torch.randn(mean.shape, generator=gen, device=gen.device).to(mean.device)
     per = lambda v: torch.as_tensor(np.asarray(v, np.float32), device=mean.device).reshape(1, -1, 1, 1)
     return (mean + eps * std) * per(scale) + per(bias)
 
-def encode_images(encoder, images_u8, device='cpu'):
+def encode_images(encoder, images_u8, device='cpu', source='images'):
     """uint8 images [N,C,H,W] -> raw latents [N,2C',h,w] (float32, CPU) with the encoder's VAE, in its batches."""
+    want = getattr(getattr(encoder._vae, 'config', None), 'in_channels', images_u8.shape[1])
+    if images_u8.shape[1] != want:
+        raise ValueError(f'{source}: images have {images_u8.shape[1]} channel(s) but the VAE takes {want}; '
+                         f'pass images of the VAE\'s kind (or another --vae)')
     with torch.no_grad():
         return torch.cat([encoder.encode_pixels(b.to(device)).cpu() for b in images_u8.split(max(encoder.batch_size, 1) * 8)])
 
@@ -185,6 +189,17 @@ def _raw_names(path):
         return sorted(names)
     return []
 
+def seeds_held(outdir):
+    """The seeds whose latents the shards of outdir/latents hold (reading only their `seeds`)."""
+    held = set()
+    for fn in _shard_files(os.path.join(outdir, LATENT_DIR), nested=False):
+        try:
+            with np.load(fn) as z:
+                held.update(int(v) for v in z['seeds'])
+        except Exception:  # pylint: disable=broad-except
+            pass  # An unreadable shard holds nothing: its seeds are sampled again, and the reader names it.
+    return held
+
 def is_latent_shards(path, nested=True):
     """Whether path is a file or folder of edm-dg latent shards (a `latents` array inside)."""
     files = _shard_files(path, nested)
@@ -201,7 +216,7 @@ def is_latent_source(path):
 
 def read_latent_shards(path):
     """(final latents [N,C,h,w] float32, labels int64 or None, seeds int64, space) of edm-dg shards, sorted by seed."""
-    xs, ys, ss, space = [], [], [], None
+    xs, ys, ss, names, space = [], [], [], [], None
     for fn in _shard_files(path):
         try:
             with np.load(fn) as z:
@@ -214,12 +229,19 @@ def read_latent_shards(path):
             raise ValueError(f'{fn}: latents of {describe(sp)}, but the other shards hold {describe(space)}; keep one model\'s shards per folder')
         if xs and x.shape[1:] != xs[0].shape[1:]:
             raise ValueError(f'{fn}: latents of shape {list(x.shape[1:])}, the other shards {list(xs[0].shape[1:])}; keep one model\'s shards per folder')
+        if not len(x) == len(y) == len(s):
+            raise ValueError(f'{fn}: {len(x)} latents, {len(y)} labels and {len(s)} seeds; regenerate it with --save_latents')
         space = sp
-        xs.append(x), ys.append(y), ss.append(s)
+        xs.append(x), ys.append(y), ss.append(s), names.append(fn)
     if not xs:
         raise ValueError(f'{path}: no latent shards (latents/*.npz); generate them with generate_dg.py --save_latents')
     x, y, s = np.concatenate(xs), np.concatenate(ys), np.concatenate(ss)
     order = np.argsort(s, kind='stable')
+    dup = np.nonzero(s[order][1:] == s[order][:-1])[0]
+    if len(dup):
+        seed = int(s[order][dup[0]])
+        files = [n for n, part in zip(names, ss) if seed in part]
+        raise ValueError(f'{files[-1]}: seed {seed} is also in {files[0]}; keep one shard per seed (delete one of them)')
     y = None if (y < 0).any() else torch.from_numpy(y[order])
     return torch.from_numpy(x[order]), y, torch.from_numpy(s[order]), space
 
@@ -227,12 +249,16 @@ class DecodedLatents:
     """Latent shards as an image source (`len`, `images(indices)` -> uint8 [N,C,H,W]), decoded batch by batch."""
 
     def __init__(self, path, vae=None, device='cpu', batch_size=4, trust=False):
+        self.path = str(path)
         self.latents, self._labels, self.seeds, self.space = read_latent_shards(path)
         self.device = device
         self.encoder = encoder_for(self.space, vae=vae, device=device, batch_size=batch_size, trust=trust, source=str(path))
 
     def __len__(self):
         return len(self.latents)
+
+    def __str__(self):
+        return self.path
 
     def images(self, indices):
         x = self.latents[torch.as_tensor(np.asarray(indices), dtype=torch.long)].to(self.device)
@@ -249,7 +275,11 @@ def read_raw_dataset(path):
         raise ValueError(f'{path}: no img-mean-std-*.npy files; pass an EDM2 latent dataset (dataset_tool.py encode)')
     zf = zipfile.ZipFile(path) if os.path.isfile(path) else None
     try:
-        read = (lambda n: zf.read(n)) if zf else (lambda n: open(os.path.join(path, n), 'rb').read())
+        def read(name):
+            if zf:
+                return zf.read(name)
+            with open(os.path.join(path, name), 'rb') as f:
+                return f.read()
         arrays = []
         for n in names:
             try:
@@ -271,25 +301,56 @@ def read_raw_dataset(path):
         entries = json.loads(meta).get('labels')
         if entries:
             lab = dict((k, v) for k, v in entries)
-            if all(lab.get(n) is not None for n in names):
-                labels = torch.tensor([int(lab[n]) for n in names], dtype=torch.int64)
+            missing = [n for n in names if lab.get(n) is None]
+            if missing:
+                raise ValueError(f'{path}: dataset.json has no label for {missing[0]} (and {len(missing) - 1} more); '
+                                 f'its names must be the .npy files\' paths inside the dataset')
+            labels = torch.tensor([int(lab[n]) for n in names], dtype=torch.int64)
     return torch.from_numpy(np.stack(arrays)), labels
 
+def _raw_name(i):
+    return f'{i // 1000:05d}/img-mean-std-{i:08d}.npy'
+
+def _save_raw(folder, i, array):
+    name = _raw_name(i)
+    os.makedirs(os.path.join(folder, name[:5]), exist_ok=True)
+    np.save(os.path.join(folder, name), np.asarray(array, dtype=np.float32))
+    return name
+
+def _save_labels(folder, names, labels):
+    with open(os.path.join(folder, 'dataset.json'), 'w') as f:
+        json.dump({'labels': None if labels is None else [[n, int(y)] for n, y in zip(names, labels)]}, f)
+
 def write_raw_dataset(outdir, raw, labels=None):
-    """An EDM2 latent dataset folder (the layout of its dataset_tool.py encode) of raw latents [N,2C,h,w]."""
-    entries = []
-    for i, a in enumerate(raw.cpu().numpy().astype(np.float32)):
-        name = f'{i // 1000:05d}/img-mean-std-{i:08d}.npy'
-        buf = io.BytesIO()
-        np.save(buf, a)
-        path = os.path.join(outdir, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with fileio.atomic_open(path) as f:
-            f.write(buf.getvalue())
-        entries.append([name, None if labels is None else int(labels[i])])
-    fileio.atomic_write_json(os.path.join(outdir, 'dataset.json'),
-                             {'labels': entries if labels is not None else None})
+    """An EDM2 latent dataset folder (the layout of its dataset_tool.py encode) of raw latents [N,2C,h,w], whole at once."""
+    with fileio.atomic_dir(outdir) as tmp:
+        names = [_save_raw(tmp, i, a) for i, a in enumerate(raw.cpu().numpy())]
+        _save_labels(tmp, names, None if labels is None else [int(y) for y in labels])
     return outdir
+
+def encode_dataset(source, dest, vae, *, vae_name=KNOWN_VAES[0], max_images=None, batch=64, device='cpu', progress=True, log=print):
+    """EDM2's `dataset_tool.py encode`: the raw latents of an image set (folder, zip, .npz) as an EDM2 latent dataset.
+
+    vae: a diffusers folder, or None to fetch vae_name. Images are read and
+    encoded `batch` at a time; dest is written whole at the end (atomically).
+    """
+    import tqdm  # pylint: disable=import-outside-toplevel
+    from training.encoders import StabilityVAEEncoder  # pylint: disable=import-outside-toplevel
+    from .image_sets import ImageSource  # pylint: disable=import-outside-toplevel
+    src = ImageSource(source, log=log)
+    n = len(src) if max_images is None else min(len(src), max_images)
+    enc = prepare_encoder(StabilityVAEEncoder(vae_name=vae_name if vae is None else str(vae), batch_size=batch), device,
+                          vae=vae, trust_pickle=True, source=source)
+    labels = src.labels(range(n))
+    with fileio.atomic_dir(dest) as tmp:
+        names = []
+        for start in tqdm.trange(0, n, batch, desc='encode', unit='batch', disable=not progress, dynamic_ncols=True):
+            idx = list(range(start, min(start + batch, n)))
+            raw = encode_images(enc, src.images(idx), device, source=source)
+            names += [_save_raw(tmp, i, a) for i, a in zip(idx, raw.numpy())]
+        _save_labels(tmp, names, None if labels is None else labels.tolist())
+    log(f'Encoded {n} images of {source} into {dest} (raw latents {list(raw.shape[1:])}).')
+    return dest
 
 def load_latent_set(path, *, space=None, vae=None, seed=0, device='cpu', log=print):
     """(final latents [N,C,h,w] float32, labels or None, space) of any latent source, or of images encoded by --vae.
@@ -303,7 +364,9 @@ def load_latent_set(path, *, space=None, vae=None, seed=0, device='cpu', log=pri
         if space is not None and not same_space(space, sp):
             raise ValueError(f'{path}: latents of {describe(sp)} but expected {describe(space)}; use latents of one model')
         return x, y, sp
-    if space is None or space['kind'] != 'latents':
+    if space is not None and space['kind'] != 'latents':
+        raise ValueError(f'{path}: --encoder names a pixel model (no VAE); pass the latent EDM2 pickle whose latents these are')
+    if space is None:
         raise ValueError(f'{path}: raw latents or images need the latent standardisation of a model; pass --encoder=PKL '
                          f'(the latent EDM2 pickle) or fakes from generate_dg.py --save_latents')
     gen = torch.Generator().manual_seed(int(seed))
@@ -315,6 +378,6 @@ def load_latent_set(path, *, space=None, vae=None, seed=0, device='cpu', log=pri
         from .image_sets import load_image_set  # pylint: disable=import-outside-toplevel
         images, y = load_image_set(path, log=log)
         log(f'Encoding {len(images)} images of {path} with the VAE {vae}...')
-        raw = encode_images(encoder_for(space, vae=vae, device=device), images, device)
+        raw = encode_images(encoder_for(space, vae=vae, device=device), images, device, source=path)
     x = standardise(raw, space['scale'], space['bias'], gen)
     return x, y, space

@@ -45,7 +45,8 @@ def load_models(network_pkl, device, *, disc_path=None, classifier_path=None, tr
         net = load_network_pickle(network_pkl, trust_pickle=trust_pickle, verbose=(dist.get_rank() == 0))
         net = net.eval().requires_grad_(False).to(device)
         if decode:
-            prepare_net_encoder(net, device, vae, encoder_batch, trust_pickle, network_pkl)
+            latents.prepare_encoder(getattr(net, 'encoder', None), device, vae=vae, batch_size=encoder_batch,
+                                    trust_pickle=trust_pickle, source=network_pkl)
         disc = None
         if disc_path is not None:
             log(f'Loading discriminator from "{disc_path}" with classifier "{classifier_path}"...')
@@ -58,15 +59,6 @@ def load_models(network_pkl, device, *, disc_path=None, classifier_path=None, tr
         raise ValueError(f'{disc_path}: the head is {kind} but --cond/--conditional={int(bool(disc_cond))}; '
                          f'pass --cond={int(disc.cond)} or drop it (edm-dg reads the kind from the file)')
     return net, disc
-
-def prepare_net_encoder(net, device, vae=None, encoder_batch=None, trust_pickle=False, network_pkl='--network'):
-    """Load a latent network's VAE; refuse --vae/--encoder_batch for pixel networks."""
-    encoder = getattr(net, 'encoder', None)
-    if not latents.is_latent(encoder):
-        if vae is not None:
-            raise ValueError(f'--vae={vae}: {network_pkl} samples pixels, it has no VAE; drop --vae')
-        return
-    latents.prepare_encoder(encoder, device, vae=vae, batch_size=encoder_batch, trust_pickle=trust_pickle, source=network_pkl)
 
 def load_guide(gnet_pkl, net, device, *, network_pkl='--network', trust_pickle=False, log=None):
     """The frozen guide network of --gnet (EDM or EDM2 pickle, the same loader as --network), checked against net."""

@@ -17,6 +17,7 @@ from torch_utils import distributed as dist
 from . import fileio
 from . import metrics
 from .disc_checkpoint import load_discriminator
+from .models import check_pair
 from .generate import generate
 
 SWEEPABLE = ('S_churn', 'S_min', 'S_max', 'S_noise', 'num_steps', 'dg_weight_1st_order', 'dg_weight_2nd_order',
@@ -94,6 +95,7 @@ def fid_over_epochs(net, run_dir, classifier_path, seeds, ref, detector, outdir,
         if epoch in done:
             continue
         disc = load_discriminator(ckpt, classifier_path, device=device, **(disc_kwargs or {}))
+        check_pair(net, disc, '--network', ckpt, classifier_path)
         img_dir = os.path.join(outdir, 'images', f'epoch-{epoch:04d}')
         fid = fid_of_samples(net, img_dir, seeds, dict(sampler_kwargs, discriminator=disc), ref, detector, device, batch, progress)
         record(csv_path, rows, dict(epoch=epoch, checkpoint=ckpt, fid=f'{fid:.6f}', num=len(seeds)), 'epoch', img_dir, keep_images)

@@ -2,7 +2,7 @@
 
     python -m edm_dg.train_vae --data=datasets/digits --outdir=digits-vae
 
-EDM2's latent models carry a `StabilityVAEEncoder` (docs/compat.md §10), which
+EDM2's latent models carry a `StabilityVAEEncoder` (docs/compat.md, "Latent models"), which
 runs a diffusers VAE on pixels x / 255 in [0, 1] and decodes with
 clamp(0, 1) * 255; this VAE is trained on the same range. Loss per image
 element: MSE between the decoded posterior draw and x / 255, plus kl_weight
@@ -21,8 +21,6 @@ uses keep a wide posterior).
 
 import math
 import os
-import shutil
-import tempfile
 import time
 
 import click
@@ -32,19 +30,15 @@ import tqdm
 from torch_utils import distributed as dist
 from . import fileio, image_sets
 from .cli import command_body
+from training import encoders
 
 STATS_FILE = 'latent_stats.json'
 _OUTPUTS = ('config.json', 'diffusion_pytorch_model.safetensors', STATS_FILE)
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 def build_vae(img_channels, *, latent_channels=4, block_out_channels=(32,), layers_per_block=1):
     """A randomly initialised AutoencoderKL (global torch RNG); GroupNorm groups: the largest divisor
     of every block width that is at most 32 (diffusers' default)."""
-    try:
-        from diffusers import AutoencoderKL  # pylint: disable=import-outside-toplevel
-    except ImportError:
-        raise ImportError('training a VAE needs the "diffusers" package; install it with: pip install diffusers') from None
+    AutoencoderKL = encoders.import_diffusers('training a VAE').AutoencoderKL
     widths = [int(w) for w in block_out_channels]
     common = math.gcd(*widths)
     groups = max(g for g in range(1, min(common, 32) + 1) if common % g == 0)
@@ -91,16 +85,6 @@ def _check_outdir(outdir):
         if others:
             raise ValueError(f'--outdir={outdir}: holds other files ({others[0]}, ...); pass a new or empty folder')
 
-def _replace_dir(tmp, outdir):
-    """Move the finished folder `tmp` to `outdir`, replacing a previous VAE folder there."""
-    old = None
-    if os.path.exists(outdir):
-        old = tempfile.mkdtemp(dir=os.path.dirname(tmp), prefix='.tmp-old-')
-        os.rename(outdir, os.path.join(old, 'vae'))
-    os.rename(tmp, outdir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
 def train_vae(images_u8, outdir, *, steps=1000, batch=128, lr=1e-3, latent_channels=4, block_out_channels=(32,),
               layers_per_block=1, kl_weight=1e-5, seed=0, device='cpu', progress=True, log=print):
     """Train on uint8 images [N,C,H,W]; write the VAE and latent_stats.json to `outdir` (whole folder at once).
@@ -140,19 +124,9 @@ def train_vae(images_u8, outdir, *, steps=1000, batch=128, lr=1e-3, latent_chann
     stats['recon_psnr'] = reconstruction_psnr(vae, images_u8)
     log(f'VAE training: {steps} steps in {time.time() - start:.0f}s, reconstruction PSNR {stats["recon_psnr"]:.2f} dB')
     vae = vae.cpu()
-    parent = os.path.dirname(os.path.abspath(outdir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix='.tmp-vae-')
-    try:
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's 0700 would make the folder private, like the files below
+    with fileio.atomic_dir(outdir) as tmp:
         vae.save_pretrained(tmp)
         fileio.atomic_write_json(os.path.join(tmp, STATS_FILE), stats, indent=2)
-        for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o666 & ~_UMASK)  # the safetensors file comes out 0600
-        _replace_dir(tmp, os.path.abspath(outdir))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return vae, stats
 
 def _parse_widths(text):

@@ -473,13 +473,9 @@ def write_edm2_pickle(net, path, encoder=None):
 
 def tiny_vae(path, image_channels=3, factor=2, seed=0):
     """A tiny random diffusers AutoencoderKL (4 latent channels, `factor` down-sampling) written with save_pretrained."""
-    import diffusers
+    from edm_dg.train_vae import build_vae
     torch.manual_seed(seed)
-    width = [8, 16, 16, 16][:int(math.log2(factor)) + 1]
-    vae = diffusers.AutoencoderKL(in_channels=image_channels, out_channels=image_channels, latent_channels=4,
-                                  down_block_types=['DownEncoderBlock2D'] * len(width),
-                                  up_block_types=['UpDecoderBlock2D'] * len(width), block_out_channels=width,
-                                  layers_per_block=1, norm_num_groups=4, sample_size=16)
+    vae = build_vae(image_channels, block_out_channels=[8, 16, 16, 16][:int(math.log2(factor)) + 1])
     vae.save_pretrained(str(path))
     return vae.eval().requires_grad_(False)
 

@@ -68,12 +68,17 @@ def test_encoder_agrees_with_diffusers(toy):
         got = enc.decode(final)
     assert got.dtype == torch.uint8 and got.shape == (7, 3, 16, 16)
     assert_same_up_to_rounding(got.numpy(), by_hand_decode(toy['vae'], enc, final, 5).numpy())
-    # The standardisation maps raw latents to final ones: mean 0 / std 0.5 for latents of EDM2's assumed statistics.
-    mean = torch.tensor([5.81, 3.25, 0.12, -2.15]).reshape(1, 4, 1, 1)
-    std = torch.tensor([4.17, 4.62, 3.71, 3.28]).reshape(1, 4, 1, 1)
-    sample = mean + std * torch.randn(4000, 4, 1, 1, generator=torch.Generator().manual_seed(1))
-    out = latents.standardise(torch.cat([sample, torch.zeros_like(sample)], 1), enc.scale, enc.bias, torch.Generator())
-    assert out.mean(0).abs().max() < 0.03 and ((out.std(0) - 0.5).abs().max() < 0.02)
+    # Standardisation: a raw latent of EDM2's assumed mean and std per channel is final_std * eps exactly.
+    mean = torch.tensor([5.81, 3.25, 0.12, -2.15]).reshape(1, 4, 1, 1).expand(3, 4, 2, 2)
+    std = torch.tensor([4.17, 4.62, 3.71, 3.28]).reshape(1, 4, 1, 1).expand(3, 4, 2, 2)
+    out = latents.standardise(torch.cat([mean, std], 1), enc.scale, enc.bias, torch.Generator().manual_seed(1))
+    eps = torch.randn([3, 4, 2, 2], generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, 0.5 * eps, rtol=1e-5, atol=1e-5)
+    # ... and it is EDM2's encode_latents (which draws from the global generator) given the same draw.
+    torch.manual_seed(7)
+    edm2 = enc.encode_latents(torch.cat([mean, std], 1))
+    torch.manual_seed(7)
+    assert torch.equal(latents.standardise(torch.cat([mean, std], 1), enc.scale, enc.bias, torch.default_generator), edm2)
 
 #----------------------------------------------------------------------------
 # Generation on a latent pickle.
@@ -123,6 +128,16 @@ def test_save_latents_resumes_a_batch_without_its_shard(toy, tmp_path):
     generate_dg.run(**args)
     assert os.path.isfile(shard)
     assert torch.equal(latents.read_latent_shards(str(tmp_path))[0], first)
+    # Resumed with another --batch: seeds already held are not sampled or stored again.
+    generate_dg.run(**dict(args, seeds='0-5', max_batch_size=4))
+    x, _, seeds, _ = latents.read_latent_shards(str(tmp_path))
+    assert seeds.tolist() == list(range(6)) and torch.equal(x[:4], first)
+    names = sorted(os.listdir(tmp_path / 'latents'))
+    assert names == ['seeds-000000-000001-n2.npz', 'seeds-000002-000003-n2.npz', 'seeds-000004-000005-n2.npz'], names
+    # A copy of one seed in two shards is refused, naming both.
+    latents.save_latent_shard(latents.shard_path(str(tmp_path), [1]), first[1:2], [-1], [1], latents.space_of(latent_encoder()))
+    with pytest.raises(ValueError, match='seed 1 is also in'):
+        latents.read_latent_shards(str(tmp_path))
 
 def test_guided_latent_model_composes(toy, tmp_path):
     """--gnet with a latent guide: w = 1 is the main net alone; another w changes the images."""
@@ -173,7 +188,8 @@ def test_latents_to_classifier_to_discriminator_to_dg(toy, tmp_path):
     ckpt = torch.load(tmp_path / 'disc' / 'disc-0006.pt', weights_only=True)
     assert ckpt['space'] == latents.space_of(latent_encoder())
     last = [json.loads(l) for l in open(tmp_path / 'disc' / 'metrics.jsonl')][-1]
-    assert last['acc_by_tau'][0] >= 0.9, last['acc_by_tau']  # the smallest tau: nearly clean latents, an easy pair
+    acc = last['acc_by_tau']
+    assert acc[0] >= 0.9 and acc[0] > acc[-1], acc  # the smallest tau: nearly clean latents, an easy pair; noise hides it
     # DG on the latent model with it.
     disc = tmp_path / 'disc' / 'disc-0006.pt'
     out = lambda name: np.stack([fileio.read_image(str(tmp_path / name / f'{s:06d}.png')) for s in range(3)])
@@ -181,6 +197,10 @@ def test_latents_to_classifier_to_discriminator_to_dg(toy, tmp_path):
         generate_dg.run(network_pkl=toy['pkl'], vae=toy['vae_dir'], outdir=str(tmp_path / name), seeds='0-2', num_steps=4,
                         disc_path=str(disc), classifier_path=cls, dg_weight_1st_order=w, device='cpu', log=quiet)
     assert (out('dg') != out('plain')).mean() > 0.01
+    # Through the command: a latent discriminator on a pixel model.
+    code, text, errors = invoke(generate_dg.main, [f'--network={toy["pixels_pkl"]}', f'--outdir={tmp_path / "no"}', '--seeds=0',
+                                                   f'--disc={disc}', f'--classifier={cls}'])
+    assert code != 0 and len(errors) == 1 and 'judges latents but' in errors[0] and str(disc) in errors[0], text
     # A latent discriminator on a pixel model, and a pixel one (no record) on a latent model: refused.
     net, _ = models.load_models(toy['pkl'], 'cpu', vae=toy['vae_dir'], log=quiet)
     _, latent_disc = models.load_models(toy['pkl'], 'cpu', vae=toy['vae_dir'], disc_path=str(disc), classifier_path=cls, log=quiet)
@@ -205,16 +225,24 @@ def test_missing_vae_is_one_line(toy, tmp_path, monkeypatch):
                                                    f'--vae={tmp_path / "nowhere"}'])
     assert code != 0 and len(errors) == 1 and 'no such folder' in errors[0], text
     # EDM2's own VAE with the hub unreachable and nothing cached: both ways named.
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)  # read at import: set the module's value
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
     hub = write_edm2_pickle(toy['net'], tmp_path / 'hub.pkl', latent_encoder(vae_name='stabilityai/sd-vae-ft-mse'))
     code, text, errors = invoke(generate_dg.main, [f'--network={hub}', f'--outdir={tmp_path}', '--seeds=0'])
     assert code != 0 and len(errors) == 1, text
     assert 'stabilityai/sd-vae-ft-mse' in errors[0] and '--vae=DIR' in errors[0] and 'hub' in errors[0]
-    # --vae for a pixel model, --save_latents for a pixel model.
-    code, text, errors = invoke(generate_dg.main, [f'--network={toy["pixels_pkl"]}', f'--outdir={tmp_path}', '--seeds=0',
-                                                   f'--vae={toy["vae_dir"]}'])
-    assert code != 0 and len(errors) == 1 and 'samples pixels' in errors[0], text
+    # The messages themselves are one line (the command would show only the first).
+    from training.encoders import StabilityVAEEncoder
+    other_space = write_edm2_pickle(edm2_precond('latent8'), tmp_path / 'other.pkl',
+                                    StabilityVAEEncoder(vae_name='tests/tiny-vae', raw_mean=[0, 0, 0, 0]))
+    for kw, needle in ((dict(network_pkl=toy['pixels_pkl'], vae=toy['vae_dir']), 'samples pixels, it has no VAE; drop --vae'),
+                       (dict(network_pkl=toy['pixels_pkl'], save_latents=True), 'samples pixels, not latents; drop --save_latents'),
+                       (dict(network_pkl=toy['pkl'], vae=toy['vae_dir'], save_latents=True, rejection='diffrs'), 'DiffRS'),
+                       (dict(network_pkl=toy['pkl'], vae=toy['vae_dir'], gnet=other_space, guidance=2.0), 'pass a guide of the same space')):
+        with pytest.raises(ValueError) as info:
+            generate_dg.run(outdir=str(tmp_path / 'x'), seeds='0', num_steps=2, device='cpu', log=quiet, **kw)
+        assert needle in str(info.value) and '\n' not in str(info.value), str(info.value)
 
 def test_latents_of_another_shape_are_one_line(toy, tmp_path):
     generate_dg.run(network_pkl=toy['pkl'], vae=toy['vae_dir'], outdir=str(tmp_path / 'fake'), seeds='0-3', num_steps=2,
@@ -233,3 +261,19 @@ def test_latents_of_another_shape_are_one_line(toy, tmp_path):
                               latents.space_of(latent_encoder()))
     with pytest.raises(ValueError, match='keep one model'):
         latents.read_latent_shards(str(tmp_path / 'fake'))
+
+def test_encode_dataset_writes_edm2_latent_datasets(toy, tmp_path):
+    """python -m edm_dg.encode_dataset (EDM2's dataset_tool.py encode): raw latents per image in EDM2's layout, with labels."""
+    from edm_dg import encode_dataset
+    code, text, _ = invoke(encode_dataset.main, [f'--source={toy["dir"] / "images"}', f'--dest={tmp_path / "enc"}',
+                                                 f'--vae={toy["vae_dir"]}', '--batch=5', '--max_images=12'])
+    assert code == 0, text
+    names = sorted(os.listdir(tmp_path / 'enc' / '00000'))
+    assert names[0] == 'img-mean-std-00000000.npy' and len(names) == 12
+    raw, labels = latents.read_raw_dataset(str(tmp_path / 'enc'))
+    enc = latents.prepare_encoder(latent_encoder(batch_size=5), 'cpu', vae=toy['vae_dir'], source='test')
+    torch.testing.assert_close(raw, latents.encode_images(enc, toy['images'][:12]), rtol=1e-5, atol=1e-6 * float(raw.abs().max()))
+    assert labels.tolist() == toy['labels'][:12].tolist()
+    code, text, errors = invoke(encode_dataset.main, [f'--source={toy["dir"] / "images"}', f'--dest={tmp_path / "x"}',
+                                                      f'--vae={tmp_path / "missing"}'])
+    assert code != 0 and len(errors) == 1 and 'no such folder' in errors[0], text

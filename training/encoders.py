@@ -118,17 +118,22 @@ class StabilityVAEEncoder(Encoder):
         x = torch.cat([self._vae.decode(batch)['sample'] for batch in x.split(self.batch_size)])
         return x.clamp(0, 1).mul(255).to(torch.uint8)
 
+def import_diffusers(purpose):
+    """The diffusers package; a one-line ImportError saying how to install it otherwise."""
+    try:
+        import diffusers  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        raise ImportError(f'{purpose} needs the "diffusers" package; install it with: pip install "edm-dg[latent]" '
+                          f'(or pip install diffusers)') from None
+    return diffusers
+
 def _load_vae(vae_name, device):
     """The frozen diffusers AutoencoderKL `vae_name` (hub name or local folder) on `device`.
 
     As in EDM2, the hub copy lives in the dnnlib cache (`diffusers/`) and the
     cache is tried before the network. Errors are one line naming the VAE.
     """
-    try:
-        import diffusers  # pylint: disable=import-outside-toplevel
-    except ImportError:
-        raise ImportError(f'StabilityVAEEncoder needs the "diffusers" package to run the VAE "{vae_name}" '
-                          f'(latent EDM2 models); install it with: pip install "edm-dg[latent]" (or diffusers)') from None
+    diffusers = import_diffusers(f'StabilityVAEEncoder (latent EDM2 models) running the VAE "{vae_name}"')
     load = diffusers.models.AutoencoderKL.from_pretrained
     if os.path.isdir(vae_name):
         try:
