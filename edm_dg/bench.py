@@ -202,7 +202,7 @@ def main(device, batch, steps, repeats, precision, disc_precision, channels_last
 EDM2_GUIDES = {'xxl': 'xl', 'xl': 'l', 'l': 'm', 'm': 's', 's': 'xs', 'xs': 'xs', 'xxs': 'xxs'}
 EDM2_INTERVAL = (0.28, 2.9)  # Kynkaanniemi et al. 2024: guidance between these noise levels
 
-def edm2_bench(name, channels, batch, steps, repeats, device, w_dg=2.0, guidance=2.0, vae_layout='sd-vae-ft-mse'):
+def edm2_bench(name, channels, batch, steps, repeats, device, w_dg=2.0, guidance=2.0, vae_layout='sd-vae-ft-mse', with_dg=True):
     """Seconds per run, images/s and network evaluations per image of EDM2 sampling, plain vs. guided; for latent
     layouts also the VAE decode of the batch."""
     from training import networks_edm2
@@ -224,7 +224,7 @@ def edm2_bench(name, channels, batch, steps, repeats, device, w_dg=2.0, guidance
     res, C, L = net.img_resolution, net.img_channels, net.label_dim
     latents, labels, _ = draw_inputs([C, res, res], L, list(range(batch)), device)
     disc = None
-    if C == 3:  # A pixel model: DG with the 64x64 ADM classifier layout and the release's head layout.
+    if C == 3 and with_dg:  # A pixel model: DG with the 64x64 ADM classifier layout and the release's head layout.
         disc = released_discriminator(res=res).to(device)
     cases = {'plain': dict(), f'guided w={guidance}': dict(gnet=guide, guidance=guidance),
              f'guided in {EDM2_INTERVAL}': dict(gnet=guide, guidance=guidance, guidance_interval=EDM2_INTERVAL)}

@@ -130,11 +130,12 @@ def test_release_style_baseline_computes_the_same_guidance(nets):
     assert block.qkv.weight.grad is not None and block.qkv.weight.grad.abs().sum() > 0
 
 def test_bench_edm2_counts_the_guides_evaluations():
-    """`python -m edm_dg.bench --edm2`: a shrunken img64-xs (the guide of its size is itself) runs plain, guided, guided
-    in EDM2's interval and guided + DG; the evaluation counts are the sampler's, the guide's only where it runs."""
+    """`python -m edm_dg.bench --edm2`: a shrunken img64-xs (the guide of its size is itself) runs plain, guided and
+    guided in EDM2's interval (DG left out here: it is timed as for EDM); the evaluation counts are the sampler's,
+    the guide's only where it runs."""
     from edm_dg import bench
-    out = bench.edm2_bench('edm2-img64-xs', 8, batch=1, steps=3, repeats=1, device=torch.device('cpu'))
-    plain, guided, interval, dg = (out[k]['nfe'] for k in out)
+    out = bench.edm2_bench('edm2-img64-xs', 8, batch=1, steps=3, repeats=1, device=torch.device('cpu'), with_dg=False)
+    plain, guided, interval = (out[k]['nfe'] for k in out)
     # Levels 80, 2.5, 0.002: the guide runs at the two calls at 2.5 only (EDM2's interval is [0.28, 2.9]).
-    assert plain == 5 and guided == 10 and dg == guided and interval == 7
+    assert plain == 5 and guided == 10 and interval == 7
     assert all(v['seconds'] > 0 for v in out.values())
