@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import assert_one_line_error, assert_same_up_to_rounding, differ_beyond_rounding, py, save_edm_pickle, tiny_edm, torchrun
+from helpers import (assert_one_line_error, assert_same_up_to_rounding, differ_beyond_rounding, invoke, py, save_edm_pickle,
+                     tiny_edm, torchrun)
 
 ARGS = ['--seeds=0-6', '--steps=4']
 
@@ -112,22 +113,29 @@ def test_class_option_and_uncond_labels(tmp_path):
         assert json.load(f)['labels'] is None
 
 def test_bad_inputs(tmp_path, tiny_files):
+    """One-line errors naming the file and the fix; the first through a real process (no traceback), the others
+    in-process through the same click command."""
+    import generate_dg
+    def one_line(args, *needles):
+        code, text, errors = invoke(generate_dg.main, args)
+        assert code != 0 and 'Traceback' not in text and len(errors) == 1, text
+        assert all(n in errors[0] for n in needles), (needles, errors[0])
     out = str(tmp_path / 'o')
     net = tiny_files['net']
     dg = [f'--disc={tiny_files["disc"]}', f'--classifier={tiny_files["classifier"]}']
     assert_one_line_error(py('generate_dg.py', f'--network={tmp_path / "nope.pkl"}', f'--outdir={out}'), 'nope.pkl', 'no such file')
     junk = tmp_path / 'junk.pkl'
     junk.write_bytes(b'\x00' * 100)
-    assert_one_line_error(py('generate_dg.py', f'--network={junk}', f'--outdir={out}'), 'junk.pkl', 'not a readable EDM network pickle')
-    assert_one_line_error(py('generate_dg.py', f'--network={net}', f'--outdir={out}', '--seeds=1-x'), '1-x')
-    assert_one_line_error(py('generate_dg.py', f'--network={net}', f'--outdir={out}', '--class=10'), '--class=10', '0-9')
+    one_line([f'--network={junk}', f'--outdir={out}'], 'junk.pkl', 'not a readable EDM network pickle')
+    one_line([f'--network={net}', f'--outdir={out}', '--seeds=1-x'], '1-x')
+    one_line([f'--network={net}', f'--outdir={out}', '--class=10'], '--class=10', '0-9')
     bad_cls = tmp_path / 'badcls.pt'
     import torch
     sd = torch.load(tiny_files['classifier'], weights_only=True)
     sd.pop('time_embed.0.bias')
     torch.save(sd, bad_cls)
-    assert_one_line_error(py('generate_dg.py', f'--network={net}', f'--outdir={out}', f'--disc={tiny_files["head"]}', f'--classifier={bad_cls}'),
-                          'badcls.pt', 'keys or shapes')
+    one_line([f'--network={net}', f'--outdir={out}', f'--disc={tiny_files["head"]}', f'--classifier={bad_cls}'],
+             'badcls.pt', 'keys or shapes')
     # A class-conditional discriminator with an unconditional network.
     from helpers import tiny_classifier, tiny_discriminator
     from edm_dg.disc_checkpoint import discriminator_checkpoint, infer_encoder_args, read_weights
@@ -136,16 +144,16 @@ def test_bad_inputs(tmp_path, tiny_files):
     cdisc = tmp_path / 'cdisc.pt'
     torch.save(discriminator_checkpoint(tiny_discriminator(cls, cond=True), sha, infer_encoder_args(cls.state_dict())), cdisc)
     unet = save_edm_pickle(tiny_edm(label_dim=0), str(tmp_path / 'u.pkl'))
-    assert_one_line_error(py('generate_dg.py', f'--network={unet}', f'--outdir={out}', f'--disc={cdisc}', f'--classifier={tiny_files["classifier"]}'),
-                          'cdisc.pt', 'unconditional')
-    assert_one_line_error(py('generate_dg.py', f'--network={net}', f'--outdir={out}', f'--disc={tiny_files["disc"]}'), '--classifier')
+    one_line([f'--network={unet}', f'--outdir={out}', f'--disc={cdisc}', f'--classifier={tiny_files["classifier"]}'],
+             'cdisc.pt', 'unconditional')
+    one_line([f'--network={net}', f'--outdir={out}', f'--disc={tiny_files["disc"]}'], '--classifier')
     ro = tmp_path / 'ro'
     ro.mkdir()
     os.chmod(ro, 0o500)
     if os.access(ro, os.W_OK):  # root ignores permission bits; use a path under a file instead
         ro = tmp_path / 'afile' / 'sub'
         (tmp_path / 'afile').write_text('x')
-    assert_one_line_error(py('generate_dg.py', f'--network={net}', f'--outdir={ro}', *dg), 'not writable')
+    one_line([f'--network={net}', f'--outdir={ro}', *dg], 'not writable')
     assert not os.path.exists(out) or not listing(out)
 
 @pytest.mark.parametrize('n,batch,world', [(1, 4, 2), (7, 3, 2), (100, 8, 3), (50000, 500, 8), (13, 64, 4)])

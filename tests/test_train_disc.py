@@ -34,7 +34,7 @@ def test_bf16_training_tracks_fp32(data, tmp_path):
     runs = {}
     for precision in ('fp32', 'bf16'):
         last = train(str(tmp_path / precision), str(data / 'real'), str(data / 'fake'), str(data / 'cls.pt'),
-                     epochs=1, batch=32, num=96, precision=precision, **TINY)
+                     epochs=1, batch=16, num=48, precision=precision, **TINY)
         runs[precision] = (read_metrics(str(tmp_path / precision))[-1]['loss'], last)
     # bf16 acts (the same steps in fp32 twice give the same loss exactly) and stays within its rounding:
     # 2^-8 relative per operation, about 0.003 of a loss near log 2.
