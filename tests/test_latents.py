@@ -73,7 +73,7 @@ def test_encoder_agrees_with_diffusers(toy):
     std = torch.tensor([4.17, 4.62, 3.71, 3.28]).reshape(1, 4, 1, 1).expand(3, 4, 2, 2)
     out = latents.standardise(torch.cat([mean, std], 1), enc.scale, enc.bias, torch.Generator().manual_seed(1))
     eps = torch.randn([3, 4, 2, 2], generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(out, 0.5 * eps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, 0.5 * eps, rtol=1e-5, atol=1e-5 * float(eps.abs().max()))  # float32 rounding of the scale
     # ... and it is EDM2's encode_latents (which draws from the global generator) given the same draw.
     torch.manual_seed(7)
     edm2 = enc.encode_latents(torch.cat([mean, std], 1))
