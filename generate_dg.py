@@ -43,7 +43,7 @@ from torch_utils import distributed as dist
 from edm_dg import grid as gridlib
 from edm_dg import fileio
 from edm_dg.cli import command_body
-from edm_dg.generate import generate
+from edm_dg.generate import SAVE_LATENTS_WITH_DIFFRS, generate
 from edm_dg.models import check_class, check_fast_paths, load_guide, load_models
 from edm_dg.options import (ENCODER_BATCH, RESUME, SAVE_LATENTS, VAE, batch_option, dg_options, guidance_settings, output_peer_options, pop_disc_options,
                             pop_guidance_options, pop_sampler_options,
@@ -100,8 +100,7 @@ def run(network_pkl=None, outdir=None, seeds=None, subdirs=False, class_idx=None
     if options:
         raise TypeError(f'unknown options {sorted(options)}')
     if save_latents and rejection_opts.get('rejection'):
-        raise ValueError('--save_latents with --rejection=diffrs is not supported: DiffRS finishes seeds out of batch order; '
-                         'generate the PNGs and drop --save_latents')
+        raise ValueError(SAVE_LATENTS_WITH_DIFFRS)  # before rejection_settings' own checks
     if grid_compare and (grid is None or (disc_path is None and gnet_pkl is None)):
         raise ValueError('--grid_compare compares plain and guided images: pass --grid=PATH and --disc or --gnet too')
     early_selection = selection_settings(selection_opts, guided=disc_path is not None)  # Its errors before any loading.

@@ -75,6 +75,9 @@ def rank_batches(seeds, max_batch_size, rank=0, world_size=1):
 
 #----------------------------------------------------------------------------
 
+SAVE_LATENTS_WITH_DIFFRS = ('--save_latents with --rejection=diffrs is not supported: DiffRS finishes seeds out of batch '
+                            'order; generate the PNGs and drop --save_latents')
+
 def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_batch_size=64,
              sampler_kwargs=None, selection=None, npz=False, save_latents=False, resume=True, progress=True, log=print):
     """Generate `seeds` into `outdir` (EDM file names) plus dataset.json labels.
@@ -105,8 +108,7 @@ def generate(net, outdir, seeds, *, device, subdirs=False, class_idx=None, max_b
     if save_latents and space['kind'] != 'latents':
         raise ValueError('--save_latents: the network samples pixels, not latents; drop --save_latents (or --npz for image shards)')
     if rejection is not None and save_latents:
-        raise ValueError('--save_latents with --rejection=diffrs is not supported: DiffRS finishes seeds out of batch order; '
-                         'generate the PNGs and drop --save_latents')
+        raise ValueError(SAVE_LATENTS_WITH_DIFFRS)
     if rejection is not None:
         if selection is not None:
             raise ValueError('--rejection=diffrs with --particles/--best_of: pass one of them')

@@ -152,6 +152,7 @@ def encode_images(encoder, images_u8, device='cpu', source='images'):
         raise ValueError(f'{source}: images have {images_u8.shape[1]} channel(s) but the VAE takes {want}; '
                          f'pass images of the VAE\'s kind (or another --vae)')
     with torch.no_grad():
+        # Moved to the device a few VAE batches at a time (encode_pixels splits them further), results kept on the host.
         return torch.cat([encoder.encode_pixels(b.to(device)).cpu() for b in images_u8.split(max(encoder.batch_size, 1) * 8)])
 
 #----------------------------------------------------------------------------

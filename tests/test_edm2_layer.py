@@ -139,7 +139,8 @@ def test_forced_weight_normalization_in_training_mode():
         y_train = conv.train()(x)
     norms = conv.weight.flatten(1).norm(dim=1)
     assert torch.allclose(norms, torch.full_like(norms, math.sqrt(54)), rtol=1e-3)  # unit RMS per output channel
-    assert torch.allclose(y_train, y_eval, rtol=1e-4, atol=1e-5)  # the layer's function does not change
+    # The layer's function does not change (float32 rounding of the renormalised weights, relative to y's scale).
+    assert torch.allclose(y_train, y_eval, rtol=1e-4, atol=1e-5 * float(y_eval.abs().max()))
 
 @pytest.mark.parametrize('module', [networks_edm2, encoders])
 def test_embedded_source_imports_only_what_edm2_has(module):
